@@ -1,0 +1,303 @@
+"""Location-dependent heat diffusion: initial states and the explicit update, pure numpy.
+
+One step is ``u'(p) = (1 - 4 a_p) u(p) + a_p (u_N + u_S + u_E + u_W)`` where ``a_p`` is the
+diffusivity of the region type of point ``p`` (the 5-point stencil of the point's own type).
+Runs are independent, so the update is vectorised over a batch of runs; it is done with
+slice additions on a zero- (or wrap-) padded buffer, never with a per-run convolution, and the
+batch is processed in blocks that stay in cache. Every operation is elementwise, so a run's
+result is bit-identical whatever batch or block it is computed in.
+
+Random draws follow the reference generator exactly: one ``numpy.random.default_rng(seed)``
+per split, shared by its runs in order, and per run (1) the field ``uniform(0, 0.1, shape)``,
+(2) the number of sources ``integers(1, 3, endpoint=True)``, (3) for each region type in
+order ``choice(argwhere(mask == t), size=n)``. :func:`plan_runs` walks that stream once,
+skipping the field draws with ``PCG64.advance`` (one 64-bit output per double), and records
+where each run starts, so chunks of runs can be simulated anywhere, in any order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from smoe.errors import InputError
+
+MAX_SOURCES = 3
+"""Sources per region type are drawn from 1..MAX_SOURCES."""
+
+STABLE_DIFFUSIVITY = 0.25
+"""The explicit 5-point scheme is stable for 0 <= a <= 0.25."""
+
+DEFAULT_INIT_RANGE = (0.0, 0.1)
+BOUNDARIES = ("zero", "wrap")
+INIT_KINDS = ("uniform", "zero")
+
+
+@dataclass(frozen=True)
+class HeatParams:
+    """Everything that defines a heat-diffusion split except its mask, seed and run count."""
+
+    diffusivity: tuple[float, ...]
+    steps: int = 100
+    boundary: str = "zero"
+    init: str = "uniform"
+    init_ranges: tuple[tuple[float, float], ...] | None = None
+    negative_sources: bool = False
+    heat_rate: int = 0
+    clip: tuple[float, float] | None = None
+
+    @property
+    def types(self) -> int:
+        return len(self.diffusivity)
+
+    def validate(self, key: str = "heat") -> HeatParams:
+        """Reject values that would give an unstable, ill-defined or unreadable simulation."""
+        if not self.diffusivity:
+            raise InputError(f"{key}.diffusivity: give one diffusivity per region type")
+        for t, a in enumerate(self.diffusivity):
+            if not np.isfinite(a) or a < 0:
+                raise InputError(f"{key}.diffusivity[{t}]: {a} is negative or not finite")
+            if a > STABLE_DIFFUSIVITY:
+                raise InputError(
+                    f"{key}.diffusivity[{t}]: {a} is above {STABLE_DIFFUSIVITY}, where the "
+                    "explicit scheme is unstable"
+                )
+        if self.steps < 1:
+            raise InputError(f"{key}.steps: must be at least 1, got {self.steps}")
+        if self.boundary not in BOUNDARIES:
+            raise InputError(f"{key}.boundary: {self.boundary!r} is not one of {BOUNDARIES}")
+        if self.init not in INIT_KINDS:
+            raise InputError(f"{key}.init.kind: {self.init!r} is not one of {INIT_KINDS}")
+        if self.init_ranges is not None:
+            if len(self.init_ranges) != self.types:
+                raise InputError(
+                    f"{key}.init.ranges: {len(self.init_ranges)} ranges for {self.types} "
+                    "region types (one per diffusivity)"
+                )
+            for t, (low, high) in enumerate(self.init_ranges):
+                if not (np.isfinite(low) and np.isfinite(high)) or low > high:
+                    raise InputError(f"{key}.init.ranges[{t}]: [{low}, {high}] is not a range")
+        if self.heat_rate < 0:
+            raise InputError(f"{key}.sources.heat_rate: must be >= 0, got {self.heat_rate}")
+        if self.clip is not None:
+            low, high = self.clip
+            if not low < high:
+                raise InputError(f"{key}.clip: [{low}, {high}] needs low < high")
+        return self
+
+    def ranges(self) -> tuple[tuple[float, float], ...]:
+        return self.init_ranges or (DEFAULT_INIT_RANGE,) * self.types
+
+    def to_attrs(self) -> dict[str, Any]:
+        """Flat attributes (numbers, strings, lists) that zarr and netCDF can both store."""
+        ranges = self.ranges()
+        attrs: dict[str, Any] = {
+            "diffusivity": [float(a) for a in self.diffusivity],
+            "steps": self.steps,
+            "boundary": self.boundary,
+            "init": self.init,
+            "init_low": [float(lo) for lo, _ in ranges],
+            "init_high": [float(hi) for _, hi in ranges],
+            "negative_sources": int(self.negative_sources),
+            "heat_rate": self.heat_rate,
+        }
+        if self.clip is not None:
+            attrs["clip"] = [float(self.clip[0]), float(self.clip[1])]
+        return attrs
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class RunPlan:
+    """Where each run of a split starts in the shared random stream, and its sources.
+
+    ``states[r]`` is the PCG64 state before run ``r``'s first draw. Sources are stored per
+    run, region type and slot (``MAX_SOURCES`` slots, unused ones -1 / 0).
+    """
+
+    seed: int
+    states: list[dict[str, Any]]
+    n_sources: np.ndarray  # (runs,) int
+    source_cells: np.ndarray  # (runs, types, MAX_SOURCES, 2) int, -1 where unused
+    source_values: np.ndarray  # (runs, types, MAX_SOURCES) float64, 0 where unused
+
+    @property
+    def runs(self) -> int:
+        return len(self.states)
+
+    def select(self, start: int, stop: int) -> RunPlan:
+        """The plan of runs ``start:stop`` (small enough to ship to a worker)."""
+        return RunPlan(
+            seed=self.seed,
+            states=self.states[start:stop],
+            n_sources=self.n_sources[start:stop],
+            source_cells=self.source_cells[start:stop],
+            source_values=self.source_values[start:stop],
+        )
+
+
+def diffusivity_map(mask: np.ndarray, diffusivity: tuple[float, ...]) -> np.ndarray:
+    """The per-point coefficient a_{r(p)} as float64, shape of the mask."""
+    return np.asarray(diffusivity, dtype=np.float64)[mask]
+
+
+def _skip_doubles(bit_generator: np.random.PCG64, count: int) -> None:
+    """Advance past ``count`` doubles, as ``random(count)`` would, keeping the 32-bit buffer.
+
+    ``advance`` clears PCG64's buffered half-word, which a real field draw leaves alone (a
+    double takes a whole 64-bit output); restoring it keeps later bounded-integer draws equal.
+    """
+    before = bit_generator.state
+    bit_generator.advance(count)
+    after = bit_generator.state
+    after["has_uint32"] = before["has_uint32"]
+    after["uinteger"] = before["uinteger"]
+    bit_generator.state = after
+
+
+def _draw_sources(
+    rng: np.random.Generator, cells_by_type: list[np.ndarray], negative: bool
+) -> tuple[int, np.ndarray, np.ndarray]:
+    types = len(cells_by_type)
+    cells = np.full((types, MAX_SOURCES, 2), -1, dtype=np.int64)
+    values = np.zeros((types, MAX_SOURCES), dtype=np.float64)
+    n = int(rng.integers(1, MAX_SOURCES, endpoint=True))
+    for t, candidates in enumerate(cells_by_type):
+        cells[t, :n] = rng.choice(candidates, size=n)
+        values[t, :n] = rng.choice(np.array([-1.0, 1.0]), size=n) if negative else 1.0
+    return n, cells, values
+
+
+def plan_runs(mask: np.ndarray, params: HeatParams, seed: int, runs: int) -> RunPlan:
+    """Walk the split's random stream once and record each run's start state and sources."""
+    if runs < 1:
+        raise InputError(f"runs must be at least 1, got {runs}")
+    rng = np.random.default_rng(seed)
+    bit_generator = rng.bit_generator
+    cells_by_type = [np.argwhere(mask == t) for t in range(params.types)]
+    field_size = int(mask.size)
+    states = []
+    n_sources = np.zeros(runs, dtype=np.int64)
+    source_cells = np.empty((runs, params.types, MAX_SOURCES, 2), dtype=np.int64)
+    source_values = np.empty((runs, params.types, MAX_SOURCES), dtype=np.float64)
+    for run in range(runs):
+        states.append(bit_generator.state)
+        if params.init == "uniform":
+            _skip_doubles(bit_generator, field_size)
+        n, cells, values = _draw_sources(rng, cells_by_type, params.negative_sources)
+        n_sources[run], source_cells[run], source_values[run] = n, cells, values
+    return RunPlan(seed, states, n_sources, source_cells, source_values)
+
+
+def _set_sources(fields: np.ndarray, plan: RunPlan) -> None:
+    """Write each run's source values into ``fields`` (runs, H, W), type by type."""
+    for run in range(plan.runs):
+        n = plan.n_sources[run]
+        for t in range(plan.source_cells.shape[1]):
+            cells = plan.source_cells[run, t, :n]
+            fields[run, cells[:, 0], cells[:, 1]] = plan.source_values[run, t, :n]
+
+
+def initial_fields(mask: np.ndarray, params: HeatParams, plan: RunPlan) -> np.ndarray:
+    """Initial states (runs, H, W) float64 of the runs in ``plan``, drawn from their states."""
+    fields = np.zeros((plan.runs, *mask.shape), dtype=np.float64)
+    if params.init == "uniform":
+        ranges = np.asarray(params.ranges(), dtype=np.float64)
+        low = ranges[:, 0][mask]
+        scale = (ranges[:, 1] - ranges[:, 0])[mask]
+        rng = np.random.default_rng()
+        for run, state in enumerate(plan.states):
+            rng.bit_generator.state = state
+            # Generator.uniform(low, high) computes low + (high - low) * random().
+            fields[run] = low + scale * rng.random(mask.shape)
+    _set_sources(fields, plan)
+    return fields
+
+
+def simulate(
+    initial: np.ndarray,
+    mask: np.ndarray,
+    params: HeatParams,
+    plan: RunPlan | None = None,
+    block_runs: int = 32,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Run the diffusion from ``initial`` (runs, H, W) for ``params.steps`` steps.
+
+    Returns all frames (runs, steps + 1, H, W) as float32; the arithmetic is float64.
+    ``plan`` is needed only to re-inject heat at the sources (``params.heat_rate > 0``).
+    ``block_runs`` trades Python overhead against cache size; it never changes the result.
+    ``out`` is an optional float32 array of the result's shape to fill instead of a new one.
+    """
+    if params.heat_rate and plan is None:
+        raise ValueError("re-injecting heat (heat_rate > 0) needs the run plan's sources")
+    runs, height, width = initial.shape
+    coefficient = diffusivity_map(mask, params.diffusivity)
+    centre = 1.0 - 4.0 * coefficient
+    shape = (runs, params.steps + 1, height, width)
+    if out is None:
+        frames = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+    else:
+        frames = out
+    frames[:, 0] = initial
+    for start in range(0, runs, block_runs):
+        stop = min(start + block_runs, runs)
+        block_plan = plan.select(start, stop) if plan is not None else None
+        _simulate_block(initial[start:stop], coefficient, centre, params, block_plan,
+                        frames[start:stop])
+    return frames
+
+
+def _simulate_block(
+    initial: np.ndarray,
+    coefficient: np.ndarray,
+    centre: np.ndarray,
+    params: HeatParams,
+    plan: RunPlan | None,
+    frames: np.ndarray,
+) -> None:
+    runs, height, width = initial.shape
+    current = np.zeros((runs, height + 2, width + 2), dtype=np.float64)
+    following = np.zeros_like(current)
+    current[:, 1:-1, 1:-1] = initial
+    wrap = params.boundary == "wrap"
+    if wrap:
+        _fill_wrap_halo(current)
+    neighbours = np.empty((runs, height, width), dtype=np.float64)
+    for step in range(1, params.steps + 1):
+        np.add(current[:, :-2, 1:-1], current[:, 2:, 1:-1], out=neighbours)
+        neighbours += current[:, 1:-1, :-2]
+        neighbours += current[:, 1:-1, 2:]
+        neighbours *= coefficient
+        interior = following[:, 1:-1, 1:-1]
+        np.multiply(current[:, 1:-1, 1:-1], centre, out=interior)
+        interior += neighbours
+        if params.heat_rate and step % params.heat_rate == 0:
+            _set_sources(interior, plan)
+        if params.clip is not None:
+            np.clip(interior, params.clip[0], params.clip[1], out=interior)
+        if wrap:
+            _fill_wrap_halo(following)
+        frames[:, step] = interior
+        current, following = following, current
+
+
+def _fill_wrap_halo(padded: np.ndarray) -> None:
+    """Copy opposite edges into the one-cell halo so the stencil sees a periodic grid."""
+    padded[:, 0, 1:-1] = padded[:, -2, 1:-1]
+    padded[:, -1, 1:-1] = padded[:, 1, 1:-1]
+    padded[:, 1:-1, 0] = padded[:, 1:-1, -2]
+    padded[:, 1:-1, -1] = padded[:, 1:-1, 1]
+
+
+def simulate_plan(mask: np.ndarray, params: HeatParams, plan: RunPlan) -> np.ndarray:
+    """All frames of the runs in ``plan``: initial states drawn, then diffused."""
+    initial = initial_fields(mask, params, plan)
+    return simulate(initial, mask, params, plan)
