@@ -250,8 +250,9 @@ def simulate(
     for start in range(0, runs, block_runs):
         stop = min(start + block_runs, runs)
         block_plan = plan.select(start, stop) if plan is not None else None
-        _simulate_block(initial[start:stop], coefficient, centre, params, block_plan,
-                        frames[start:stop])
+        _simulate_block(
+            initial[start:stop], coefficient, centre, params, block_plan, frames[start:stop]
+        )
     return frames
 
 

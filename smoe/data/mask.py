@@ -119,7 +119,9 @@ def load_mask(path: str | Path) -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise InputError(f"mask file {str(path)!r} is not a readable .npy array: {exc}") from exc
+            raise InputError(
+                f"mask file {str(path)!r} is not a readable .npy array: {exc}"
+            ) from exc
     if path.suffix == ".nc":
         import xarray as xr
 
@@ -188,8 +190,9 @@ def plot_mask(mask: np.ndarray, path: str | Path, title: str = "region map") -> 
     bar = fig.colorbar(image, ax=ax, ticks=np.arange(types))
     bar.set_label("region type")
     counts = np.bincount(np.asarray(mask).ravel(), minlength=types)
-    ax.set_title(f"{title}\n{mask.shape[0]}x{mask.shape[1]}, cells per type {counts.tolist()}",
-                 fontsize=8)
+    ax.set_title(
+        f"{title}\n{mask.shape[0]}x{mask.shape[1]}, cells per type {counts.tolist()}", fontsize=8
+    )
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     fig.tight_layout()

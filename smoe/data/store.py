@@ -134,7 +134,7 @@ def simulate_into_store(
     frames = _frame_buffer(plan.runs, params.steps + 1, *mask.shape)
     initial = initial_fields(mask, params, plan)
     simulate(initial, mask, params, plan, out=frames)
-    zarr.open_array(field_path, mode="r+")[start:start + plan.runs] = frames
+    zarr.open_array(field_path, mode="r+")[start : start + plan.runs] = frames
     return plan.runs
 
 
@@ -144,8 +144,11 @@ def heat_dataset(
     """The split's Dataset; ``u`` is a lazy placeholder whose chunks the tasks fill."""
     height, width = mask.shape
     frames = params.steps + 1
-    field = da.empty((plan.runs, frames, height, width), dtype=np.float32,
-                     chunks=(runs_per_chunk, frames, height, width))
+    field = da.empty(
+        (plan.runs, frames, height, width),
+        dtype=np.float32,
+        chunks=(runs_per_chunk, frames, height, width),
+    )
     types = params.types
     coords = {
         "run": ("run", np.arange(plan.runs), {"long_name": "run index within the split"}),
@@ -156,35 +159,70 @@ def heat_dataset(
     }
     unused = "-1 marks unused source slots"
     data_vars = {
-        "u": (("run", "time", "y", "x"), field,
-              {"long_name": "temperature (dimensionless heat field)", "units": "1"}),
-        "mask": (("y", "x"), mask.astype(np.int8),
-                 {"long_name": "region type of each grid cell",
-                  "flag_values": np.arange(types, dtype=np.int8),
-                  "flag_meanings": " ".join(f"region_{t}" for t in range(types))}),
-        "diffusivity": (("region",), np.asarray(params.diffusivity, dtype=np.float64),
-                        {"long_name": "diffusion number a = kappa dt / dx^2 per region type",
-                         "units": "1"}),
-        "n_sources": (("run",), plan.n_sources.astype(np.int8),
-                      {"long_name": "heat sources per region type", "units": "1"}),
-        "source_y": (("run", "region", "source"), plan.source_cells[..., 0].astype(np.int16),
-                     {"long_name": "row of each initial heat source", "comment": unused}),
-        "source_x": (("run", "region", "source"), plan.source_cells[..., 1].astype(np.int16),
-                     {"long_name": "column of each initial heat source", "comment": unused}),
-        "source_value": (("run", "region", "source"), plan.source_values.astype(np.float32),
-                         {"long_name": "value set at each heat source", "units": "1",
-                          "comment": "0 marks unused source slots"}),
-        "seed": (("run",), np.full(plan.runs, plan.seed, dtype=np.int64),
-                 {"long_name": "seed of the random stream the run was drawn from (shared "
-                               "by the split's runs, drawn in run order)"}),
+        "u": (
+            ("run", "time", "y", "x"),
+            field,
+            {"long_name": "temperature (dimensionless heat field)", "units": "1"},
+        ),
+        "mask": (
+            ("y", "x"),
+            mask.astype(np.int8),
+            {
+                "long_name": "region type of each grid cell",
+                "flag_values": np.arange(types, dtype=np.int8),
+                "flag_meanings": " ".join(f"region_{t}" for t in range(types)),
+            },
+        ),
+        "diffusivity": (
+            ("region",),
+            np.asarray(params.diffusivity, dtype=np.float64),
+            {"long_name": "diffusion number a = kappa dt / dx^2 per region type", "units": "1"},
+        ),
+        "n_sources": (
+            ("run",),
+            plan.n_sources.astype(np.int8),
+            {"long_name": "heat sources per region type", "units": "1"},
+        ),
+        "source_y": (
+            ("run", "region", "source"),
+            plan.source_cells[..., 0].astype(np.int16),
+            {"long_name": "row of each initial heat source", "comment": unused},
+        ),
+        "source_x": (
+            ("run", "region", "source"),
+            plan.source_cells[..., 1].astype(np.int16),
+            {"long_name": "column of each initial heat source", "comment": unused},
+        ),
+        "source_value": (
+            ("run", "region", "source"),
+            plan.source_values.astype(np.float32),
+            {
+                "long_name": "value set at each heat source",
+                "units": "1",
+                "comment": "0 marks unused source slots",
+            },
+        ),
+        "seed": (
+            ("run",),
+            np.full(plan.runs, plan.seed, dtype=np.int64),
+            {
+                "long_name": "seed of the random stream the run was drawn from (shared "
+                "by the split's runs, drawn in run order)"
+            },
+        ),
     }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
 def store_attrs(params: HeatParams, split: str, seed: int, runs: int, mask_source: str) -> dict:
     """Global attributes: CF basics plus every generator parameter, flat and as JSON."""
-    generator = {"split": split, "seed": seed, "runs": runs, "mask_source": mask_source,
-                 **json.loads(params.to_json())}
+    generator = {
+        "split": split,
+        "seed": seed,
+        "runs": runs,
+        "mask_source": mask_source,
+        **json.loads(params.to_json()),
+    }
     return {
         "title": f"location-dependent heat diffusion, {split} split",
         "Conventions": "CF-1.10",
@@ -233,13 +271,15 @@ def simulate_split(
     plan = plan_runs(mask, params, seed, runs)
     per_chunk = min(runs_per_chunk or chunk_runs(params.steps, *mask.shape), runs)
     per_task = task_runs(runs, per_chunk, workers)
-    ds = heat_dataset(mask, params, plan, per_chunk,
-                      store_attrs(params, split, seed, runs, mask_source))
+    ds = heat_dataset(
+        mask, params, plan, per_chunk, store_attrs(params, split, seed, runs, mask_source)
+    )
     encoding = {"u": {"chunks": ds["u"].data.chunksize, "compressors": codecs}}
     with atomic_directory(out) as partial:
         # Metadata and the small variables now; the field's chunks by the tasks below.
-        ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding,
-                   compute=False)
+        ds.to_zarr(
+            partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding, compute=False
+        )
         field_path = str(partial / "u")
         tasks = [
             dask.delayed(simulate_into_store, pure=True, traverse=False)(
@@ -258,8 +298,9 @@ def run_dask(work, scheduler: str, workers: int, progress: bool, description: st
         from distributed import progress as show_progress
 
         if scheduler == "distributed":
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
         else:
             cluster = None
         with Client(cluster if cluster is not None else scheduler) as client:
@@ -284,8 +325,11 @@ def open_store(path: str | Path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
-        hint = " (an unfinished .partial store is beside it: rerun the simulation)" \
-            if partial.exists() else ""
+        hint = (
+            " (an unfinished .partial store is beside it: rerun the simulation)"
+            if partial.exists()
+            else ""
+        )
         raise InputError(f"store {str(path)!r} does not exist{hint}")
     try:
         return xr.open_zarr(path, consolidated=False)
@@ -293,8 +337,9 @@ def open_store(path: str | Path) -> xr.Dataset:
         raise InputError(f"store {str(path)!r} is not a readable zarr store: {exc}") from exc
 
 
-def export_netcdf(store: str | Path, out: str | Path, progress: bool = True,
-                  workers: int = 1) -> Path:
+def export_netcdf(
+    store: str | Path, out: str | Path, progress: bool = True, workers: int = 1
+) -> Path:
     """Write a store as a compressed netCDF4 file for tools that do not read zarr."""
     out = Path(out)
     if out.suffix != ".nc":
@@ -307,7 +352,8 @@ def export_netcdf(store: str | Path, out: str | Path, progress: bool = True,
             enc["chunksizes"] = (1, *var.shape[1:])
         encoding[name] = enc
     with atomic_file(out) as partial:
-        write = ds.to_netcdf(partial, engine="netcdf4", format="NETCDF4", encoding=encoding,
-                             compute=False)
+        write = ds.to_netcdf(
+            partial, engine="netcdf4", format="NETCDF4", encoding=encoding, compute=False
+        )
         run_dask(write, "threads", workers, progress, f"export {Path(store).name}")
     return out

@@ -1,0 +1,23 @@
+"""smoe workflow: region map -> heat-diffusion splits (zarr) -> ...
+
+Run from the repository root: `snakemake --cores 2` builds everything for
+config/config.yaml; `--configfile config/paper.yaml` gives the paper's sizes. The config
+is validated (schema with defaults, then cross-key checks) before any job is planned.
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

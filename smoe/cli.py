@@ -1,0 +1,239 @@
+"""The ``smoe`` command: one subcommand per workflow step, each runnable by hand.
+
+The CLI only parses options and calls one package function; bad input surfaces as a
+one-line ``error:`` message and exit status 2, before any output is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from smoe import __version__
+from smoe.errors import InputError
+
+
+def _add_mask(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mask",
+        help="generate a region map (or check and copy an existing one)",
+        description="Draw a region map with the SMoE paper's sampler (seed 42, 64x64, 3 types "
+        "gives the paper's map), or validate an existing .npy/.nc map with --from.",
+    )
+    p.add_argument("--height", type=int, default=64, help="rows (default 64)")
+    p.add_argument("--width", type=int, default=64, help="columns (default 64)")
+    p.add_argument("--types", type=int, default=3, help="region types T (default 3)")
+    p.add_argument("--seed", type=int, default=42, help="generator seed (default 42)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="use this existing map (.npy or netCDF) instead of generating one",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output map (.npy or .nc)")
+    p.add_argument("--png", type=Path, default=None, help="also save a picture of the map")
+    p.set_defaults(run=_run_mask)
+
+
+def _run_mask(args: argparse.Namespace) -> None:
+    from smoe.data.mask import check_mask, generate_mask, load_mask, plot_mask, save_mask
+
+    if args.source is not None:
+        mask = check_mask(load_mask(args.source), args.types, f"mask file {str(args.source)!r}")
+        title = f"region map from {args.source.name}"
+    else:
+        mask = check_mask(
+            generate_mask(args.height, args.width, args.types, args.seed),
+            args.types,
+            "generated mask",
+        )
+        title = f"region map, seed {args.seed}"
+    save_mask(mask, args.out)
+    if args.png is not None:
+        plot_mask(mask, args.png, title=title)
+    counts = [int((mask == t).sum()) for t in range(args.types)]
+    print(f"wrote {args.out}: {mask.shape[0]}x{mask.shape[1]}, cells per type {counts}")
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from smoe.data.heat import BOUNDARIES, INIT_KINDS
+    from smoe.data.store import COMPRESSIONS, SCHEDULERS
+
+    p = sub.add_parser(
+        "simulate",
+        help="simulate heat diffusion runs into a zarr store",
+        description="Simulate location-dependent heat diffusion for one split and write it as a "
+        "chunked zarr v3 store (written to <out>.partial, renamed when complete).",
+    )
+    p.add_argument("--mask", type=Path, required=True, help="region map (.npy or .nc)")
+    p.add_argument(
+        "--diffusivity",
+        type=float,
+        nargs="+",
+        default=[0.0025, 0.025, 0.25],
+        help="one diffusion number per region type, each in [0, 0.25]",
+    )
+    p.add_argument("--runs", type=int, required=True, help="number of runs")
+    p.add_argument("--seed", type=int, required=True, help="seed of the split's random stream")
+    p.add_argument("--steps", type=int, default=100, help="time steps per run (default 100)")
+    p.add_argument("--boundary", choices=BOUNDARIES, default="zero", help="default: zero")
+    p.add_argument(
+        "--init",
+        choices=INIT_KINDS,
+        default="uniform",
+        help="initial field: uniform random or zero (default uniform)",
+    )
+    p.add_argument(
+        "--init-range",
+        type=float,
+        nargs=2,
+        action="append",
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="uniform range per region type, once per type in order (default [0, 0.1) everywhere)",
+    )
+    p.add_argument("--negative-sources", action="store_true", help="sources are +1 or -1")
+    p.add_argument(
+        "--heat-rate",
+        type=int,
+        default=0,
+        help="re-inject source values every K steps (default 0: never)",
+    )
+    p.add_argument(
+        "--clip",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="clip the field to [LOW, HIGH] after every step",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split name recorded in the store (default: the output's name, "
+        "e.g. test for test.zarr)",
+    )
+    p.add_argument(
+        "--runs-per-chunk",
+        type=int,
+        default=None,
+        help="runs per stored chunk (default: chunks of about 8 MiB)",
+    )
+    p.add_argument("--compression", choices=COMPRESSIONS, default="lz4", help="default: lz4")
+    p.add_argument(
+        "--scheduler",
+        default="threads",
+        help=f"dask scheduler: one of {', '.join(SCHEDULERS)}, or the tcp:// "
+        "address of a running dask scheduler (default threads)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="dask workers (default 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> None:
+    from smoe.data.heat import HeatParams
+    from smoe.data.mask import check_mask, load_mask
+    from smoe.data.store import simulate_split
+
+    params = HeatParams(
+        diffusivity=tuple(args.diffusivity),
+        steps=args.steps,
+        boundary=args.boundary,
+        init=args.init,
+        init_ranges=tuple(tuple(r) for r in args.init_range) if args.init_range else None,
+        negative_sources=args.negative_sources,
+        heat_rate=args.heat_rate,
+        clip=tuple(args.clip) if args.clip else None,
+    ).validate(key="simulate")
+    source = f"mask file {str(args.mask)!r}"
+    mask = check_mask(load_mask(args.mask), params.types, source)
+    out = simulate_split(
+        mask,
+        params,
+        seed=args.seed,
+        runs=args.runs,
+        out=args.out,
+        split=args.split or args.out.stem,
+        mask_source=str(args.mask),
+        runs_per_chunk=args.runs_per_chunk,
+        compression=args.compression,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=args.progress,
+    )
+    print(
+        f"wrote {out}: {args.runs} runs x {args.steps + 1} frames x {mask.shape[0]}x{mask.shape[1]}"
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a zarr store as netCDF4",
+        description="Copy a simulation store into one compressed netCDF4 file (CF attributes "
+        "kept) for tools that read netCDF but not zarr.",
+    )
+    p.add_argument("store", type=Path, help="input zarr store")
+    p.add_argument("out", type=Path, help="output netCDF file (.nc)")
+    p.add_argument("--workers", type=int, default=1, help="dask threads (default 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from smoe.data.store import export_netcdf
+
+    out = export_netcdf(args.store, args.out, progress=args.progress, workers=args.workers)
+    print(f"wrote {out}")
+
+
+def _add_check_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-config",
+        help="validate a workflow config and print it with defaults filled in",
+        description="Validate a config file against workflow/schemas/config.schema.yaml and the "
+        "cross-key checks the workflow runs before any job.",
+    )
+    p.add_argument("config", type=Path, help="YAML config file")
+    p.set_defaults(run=_run_check_config)
+
+
+def _run_check_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from smoe.config import load_config
+
+    print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smoe",
+        description="Spatial Mixture-of-Experts workflow steps. Each subcommand is one step "
+        "of the Snakemake workflow and also runs by hand.",
+    )
+    parser.add_argument("--version", action="version", version=f"smoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_mask, _add_simulate, _add_export, _add_check_config):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except InputError as exc:
+        print(f"smoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
