@@ -59,8 +59,8 @@ def _run_mask(args: argparse.Namespace) -> None:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from smoe.data.choices import COMPRESSIONS, SCHEDULERS
     from smoe.data.heat import BOUNDARIES, INIT_KINDS
-    from smoe.data.store import COMPRESSIONS, SCHEDULERS
 
     p = sub.add_parser(
         "simulate",

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,12 +23,11 @@ import numpy as np
 import xarray as xr
 
 from smoe import __version__
+from smoe.data.choices import COMPRESSIONS, SCHEDULERS
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
 from smoe.data.mask import check_mask
 from smoe.errors import InputError
 
-COMPRESSIONS = ("lz4", "zstd", "none")
-SCHEDULERS = ("threads", "processes", "synchronous", "distributed")
 TARGET_CHUNK_BYTES = 8 * 2**20
 """Stored chunks of about 8 MiB: big enough for fast I/O, small enough for lazy reads."""
 TARGET_TASK_RUNS = 32
@@ -332,7 +332,10 @@ def open_store(path: str | Path) -> xr.Dataset:
         )
         raise InputError(f"store {str(path)!r} does not exist{hint}")
     try:
-        return xr.open_zarr(path, consolidated=False)
+        with warnings.catch_warnings():
+            # Snakemake drops a timestamp file into directory outputs; zarr warns about it.
+            warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
+            return xr.open_zarr(path, consolidated=False)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise InputError(f"store {str(path)!r} is not a readable zarr store: {exc}") from exc
 

@@ -12,8 +12,6 @@ rule mask:
             caption="../report/mask.rst",
             labels={"figure": "region map"},
         ),
-    params:
-        args=mask_args,
     log:
         f"{RESULTS}/logs/data/mask.log",
     conda:
@@ -22,6 +20,8 @@ rule mask:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        args=mask_args,
     shell:
         "smoe mask {params.args} --out {output.mask} --png {output.png} > {log} 2>&1"
 
@@ -31,8 +31,6 @@ rule simulate:
         mask=rules.mask.output.mask,
     output:
         directory(f"{RESULTS}/data/heat/{{split}}.zarr"),
-    params:
-        args=simulate_args,
     log:
         f"{RESULTS}/logs/data/simulate_{{split}}.log",
     conda:
@@ -41,6 +39,8 @@ rule simulate:
     resources:
         mem_mb=simulate_mem_mb,
         runtime=simulate_runtime,
+    params:
+        args=simulate_args,
     shell:
         "smoe simulate --mask {input.mask} {params.args} --workers {threads} "
         "--out {output} > {log} 2>&1"

@@ -1,0 +1,28 @@
+"""Shared fixtures: the paper's region map, a small generated map, paths of the repository."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoe.data.mask import generate_mask
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def paper_mask() -> np.ndarray:
+    """The exact region map of the SMoE paper (64 x 64, 3 types)."""
+    return np.load(FIXTURES / "paper_mask.npy")
+
+
+@pytest.fixture(scope="session")
+def small_mask() -> np.ndarray:
+    """A 12 x 10 map with 3 types, quick to simulate."""
+    return generate_mask(12, 10, 3, seed=3)

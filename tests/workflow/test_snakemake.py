@@ -1,0 +1,141 @@
+"""Real Snakemake runs of the workflow on the tiny config (config/test.yaml)."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from smoe.data.store import open_store
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(repo, workdir, *args, configfile=None):
+    # --configfile takes several values, so targets and flags go before it.
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "--snakefile",
+        str(repo / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        "--configfile",
+        str(configfile or repo / "config" / "test.yaml"),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+
+
+@pytest.fixture(scope="module")
+def built(repo, tmp_path_factory):
+    """The tiny config's data stage, built once by `snakemake --cores 2`."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    result = snakemake(repo, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_tiny_config_builds_mask_stores_and_netcdf(built, paper_mask):
+    data = built / "results" / "test" / "data"
+    assert np.load(data / "mask.npy").shape == (16, 16)
+    assert (data / "mask.png").stat().st_size > 1000
+    for split, runs in (("train", 6), ("val", 2), ("test", 3)):
+        ds = open_store(data / "heat" / f"{split}.zarr")
+        assert ds.sizes["run"] == runs and ds.sizes["time"] == 11
+        assert ds.attrs["split"] == split
+        assert ds["u"].encoding["chunks"][0] == 2
+        assert (data / "heat" / f"{split}.nc").exists()
+    assert (built / "results" / "test" / "logs" / "data" / "simulate_train.log").exists()
+    assert not list(data.glob("heat/*.partial"))
+
+
+def test_second_run_has_nothing_to_do(repo, built):
+    result = snakemake(repo, built, "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_single_target_builds_only_what_it_needs(repo, tmp_path):
+    result = snakemake(repo, tmp_path, "results/test/data/heat/val.zarr")
+    assert result.returncode == 0, result.stderr[-3000:]
+    heat = tmp_path / "results" / "test" / "data" / "heat"
+    assert sorted(p.name for p in heat.iterdir()) == ["val.zarr"]
+
+
+def test_lint_is_clean(repo, tmp_path):
+    result = snakemake(repo, tmp_path, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"heat": {"stepz": 3}}, "unknown config key 'heat.stepz'"),
+        ({"heat": {"steps": "many"}}, "'heat.steps': 'many' is not of type 'integer'"),
+        (
+            {"heat": {"splits": {"train": {"runs": 0, "seed": 1}}}},
+            "'heat.splits.train.runs': 0 is less than the minimum of 1",
+        ),
+        ({"heat": {"diffusivity": [0.0025, 0.025, 0.26]}}, "'heat.diffusivity[2]': 0.26"),
+        ({"heat": {"diffusivity": [0.0025, -0.025, 0.25]}}, "'heat.diffusivity[1]': -0.025"),
+        ({"heat": {"diffusivity": [0.0025, 0.025]}}, "2 values for mask.types=3"),
+        ({"mask": {"file": "missing/mask.npy"}}, "mask file 'missing/mask.npy' does not exist"),
+        ({"mask": {"file": "bad_mask.npy"}}, "values [5] outside 0..2"),
+    ],
+)
+def test_bad_config_fails_before_any_job_and_deletes_nothing(repo, built, change, message):
+    bad_mask = np.load(built / "results" / "test" / "data" / "mask.npy")
+    bad_mask[0, 0] = 5
+    np.save(built / "bad_mask.npy", bad_mask)
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value}
+    configfile = built / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    before = {p: p.stat().st_mtime_ns for p in (built / "results").rglob("*")}
+    result = snakemake(repo, built, configfile=configfile)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Select jobs to execute" not in result.stdout + result.stderr
+    assert {p: p.stat().st_mtime_ns for p in (built / "results").rglob("*")} == before
+
+
+def test_existing_mask_file_is_checked_and_used(repo, tmp_path, paper_mask):
+    np.save(tmp_path / "paper_mask.npy", paper_mask)
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    config["mask"] = {"file": "paper_mask.npy", "types": 3}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(repo, tmp_path, "results/test/data/mask.npy", configfile=tmp_path / "c.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "results/test/data/mask.npy"), paper_mask)
+
+
+def test_paper_config_plans_the_full_data_stage(repo, tmp_path):
+    result = snakemake(repo, tmp_path, "-n", configfile=repo / "config" / "paper.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert re.search(r"simulate\s+3\n", out) and re.search(r"mask\s+1\n", out)
+
+
+def test_default_config_plans(repo, tmp_path):
+    result = snakemake(repo, tmp_path, "-n", configfile=repo / "config" / "config.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_snakefmt_is_clean(repo):
+    if shutil.which("snakefmt") is None:
+        pytest.skip("snakefmt is part of the dev extra")
+    result = subprocess.run(
+        ["snakefmt", "--check", str(repo / "Snakefile"), str(repo / "workflow")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
