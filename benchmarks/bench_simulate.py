@@ -30,10 +30,11 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from smoe.data.choices import task_runs
 from smoe.data.heat import HeatParams, plan_runs, simulate_plan
 from smoe.data.mask import generate_mask
 from smoe.data.reference import reference_generate
-from smoe.data.store import simulate_split, task_runs
+from smoe.data.store import simulate_split
 
 PAPER = HeatParams((0.0025, 0.025, 0.25), steps=100)
 

@@ -9,7 +9,6 @@ only when complete, so a killed job never leaves a store that looks finished.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import threading
 import warnings
@@ -23,15 +22,10 @@ import numpy as np
 import xarray as xr
 
 from smoe import __version__
-from smoe.data.choices import COMPRESSIONS, SCHEDULERS
+from smoe.data.choices import COMPRESSIONS, SCHEDULERS, chunk_runs, task_runs
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
 from smoe.data.mask import check_mask
 from smoe.errors import InputError
-
-TARGET_CHUNK_BYTES = 8 * 2**20
-"""Stored chunks of about 8 MiB: big enough for fast I/O, small enough for lazy reads."""
-TARGET_TASK_RUNS = 32
-"""Runs per dask task: amortises Python overhead of the kernel across whole chunks."""
 
 
 @contextmanager
@@ -75,20 +69,6 @@ def atomic_file(final: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(final)
-
-
-def chunk_runs(steps: int, height: int, width: int) -> int:
-    """Runs per stored chunk so that one chunk is about :data:`TARGET_CHUNK_BYTES`."""
-    run_bytes = (steps + 1) * height * width * 4
-    return max(1, TARGET_CHUNK_BYTES // run_bytes)
-
-
-def task_runs(runs: int, runs_per_chunk: int, workers: int) -> int:
-    """Runs per dask task: whole stored chunks, about 32 runs, enough tasks for the workers."""
-    per_task = runs_per_chunk * max(1, math.ceil(TARGET_TASK_RUNS / runs_per_chunk))
-    while per_task > runs_per_chunk and math.ceil(runs / per_task) < 2 * workers:
-        per_task -= runs_per_chunk
-    return per_task
 
 
 def compressors(name: str) -> tuple | None:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from smoe.data.choices import chunk_runs, task_runs
 from smoe.data.heat import HeatParams, plan_runs, simulate_plan
-from smoe.data.store import chunk_runs, export_netcdf, open_store, simulate_split, task_runs
+from smoe.data.store import export_netcdf, open_store, simulate_split
 from smoe.errors import InputError
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)

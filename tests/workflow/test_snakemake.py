@@ -139,3 +139,29 @@ def test_snakefmt_is_clean(repo):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_local_profile_runs_and_slurm_profile_names_the_executor(repo, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--profile",
+            str(repo / "profiles" / "local"),
+            "--snakefile",
+            str(repo / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(repo / "config" / "test.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    slurm = yaml.safe_load((repo / "profiles" / "slurm" / "profile.yaml").read_text())
+    assert slurm["executor"] == "slurm"
+    assert {"mem_mb", "runtime", "slurm_partition"} <= set(slurm["default-resources"])

@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
 from smoe.config import SPLITS, Config, validate_config
-from smoe.data.store import task_runs
+from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
 
 try:
@@ -92,26 +92,27 @@ def simulate_args(wildcards):
     return " ".join(args)
 
 
-def _grid_cells():
+def _grid_shape():
     if CFG.mask.file:
-        import numpy as np
         from smoe.data.mask import load_mask
 
-        return int(np.asarray(load_mask(CFG.mask.file)).size)
-    return CFG.mask.height * CFG.mask.width
+        return load_mask(CFG.mask.file).shape
+    return (CFG.mask.height, CFG.mask.width)
 
 
 def simulate_mem_mb(wildcards, threads):
-    """Memory of one simulation job: one block of frames per worker, plus headroom."""
+    """Memory of one simulation job: a block of frames per worker, plus headroom."""
     runs = CFG.splits[wildcards.split].runs
-    frames = CFG.heat.steps + 1
-    run_mb = frames * _grid_cells() * 4 / 2**20
-    per_chunk = CFG.runs_per_chunk or max(1, int(8 * 2**20 // (run_mb * 2**20)))
-    per_task = task_runs(runs, min(per_chunk, runs), threads)
-    return int(500 + 2.5 * threads * per_task * run_mb)
+    height, width = _grid_shape()
+    run_mb = (CFG.heat.steps + 1) * height * width * 4 / 2**20
+    per_chunk = min(
+        CFG.runs_per_chunk or chunk_runs(CFG.heat.steps, height, width), runs
+    )
+    return int(500 + 2.5 * threads * task_runs(runs, per_chunk, threads) * run_mb)
 
 
 def simulate_runtime(wildcards):
-    """Minutes for a cluster job: about 10 s per 100 runs of 64x64 on one core, times 10."""
-    updates = CFG.splits[wildcards.split].runs * CFG.heat.steps * _grid_cells()
-    return max(10, int(updates / 4.1e8 * 10))
+    """Cluster time limit in minutes: ten times a slow core's pace of 4e8 updates a minute."""
+    height, width = _grid_shape()
+    updates = CFG.splits[wildcards.split].runs * CFG.heat.steps * height * width
+    return max(10, int(10 * updates / 4e8))
