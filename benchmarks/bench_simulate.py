@@ -34,7 +34,7 @@ from smoe.data.choices import task_runs
 from smoe.data.heat import HeatParams, plan_runs, simulate_plan
 from smoe.data.mask import generate_mask
 from smoe.data.reference import reference_generate
-from smoe.data.store import simulate_split
+from smoe.data.store import keep_freed_memory_mapped, simulate_split
 
 PAPER = HeatParams((0.0025, 0.025, 0.25), steps=100)
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder for the stores")
     args = parser.parse_args()
 
+    keep_freed_memory_mapped()  # as `smoe simulate` does
     mask = generate_mask(64, 64, 3, seed=42)
     updates = args.runs * PAPER.steps * mask.size
     folder = Path(tempfile.mkdtemp(prefix="bench_simulate_", dir=args.dir))

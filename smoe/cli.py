@@ -138,8 +138,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> None:
     from smoe.data.heat import HeatParams
     from smoe.data.mask import check_mask, load_mask
-    from smoe.data.store import simulate_split
+    from smoe.data.store import keep_freed_memory_mapped, simulate_split
 
+    keep_freed_memory_mapped()
     params = HeatParams(
         diffusivity=tuple(args.diffusivity),
         steps=args.steps,
