@@ -1,0 +1,57 @@
+"""One registry of model kinds by name, so config, CLI, rules and reports agree on names.
+
+A config names a model kind (``smoe``, ``cnn``, ...) and its options; :func:`build_model`
+turns that into a module, and every unknown kind or option fails here with the known ones
+listed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoe.errors import InputError
+from smoe.models.baselines import BASELINES
+from smoe.models.smoe import SMoENet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {**BASELINES, "smoe": SMoENet}
+"""Model kinds: constructors taking (in_channels, height, width, **options)."""
+
+
+def model_kinds() -> list[str]:
+    return sorted(MODELS)
+
+
+def _takes_mask(builder: Callable[..., nn.Module]) -> bool:
+    return "mask" in inspect.signature(builder).parameters
+
+
+def build_model(
+    kind: str,
+    options: dict[str, Any],
+    in_channels: int,
+    height: int,
+    width: int,
+    mask: torch.Tensor | None = None,
+    name: str | None = None,
+) -> nn.Module:
+    """Construct a model by kind; ``mask`` (the region map) reaches kinds that can use it."""
+    label = f"model {name!r} (kind {kind!r})" if name else f"model kind {kind!r}"
+    if kind not in MODELS:
+        raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(model_kinds())}")
+    builder = MODELS[kind]
+    extra = {"mask": mask} if _takes_mask(builder) else {}
+    try:
+        return builder(in_channels, height, width, **extra, **options)
+    except InputError as exc:
+        raise InputError(f"{label}: {exc}") from exc
+    except TypeError as exc:
+        raise InputError(f"{label}: bad option ({exc})") from exc
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,199 @@
+"""Top-K routing with a straight-through backward, RC loss and expert error damping.
+
+The forward pass picks, at every point, the K experts with the highest routing scores and
+gathers their outputs. The backward pass is written by hand (:class:`RouteFunction`) because
+the paper's training signals live there:
+
+* the output gradient goes back to the selected experts only (times the score if weighted),
+  multiplied by ``damping`` where the point's error says it is misrouted;
+* the gate gets either the task gradient (straight through; times the expert output if
+  weighted) or, with the routing-classification (RC) loss, no task gradient at all and
+  instead the gradient of BCE-with-logits between its logits and labels saying which
+  selections were good. Computing that gradient here costs no second backward pass.
+
+Routing runs in float32 even under autocast: top-K over half-precision scores is where
+mixed precision flips decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from smoe.errors import InputError
+
+ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")
+RC_TOLERANCE = 1e-5
+"""A selection is correct when its error is at most quantile + this (the paper's value)."""
+DAMPING_TOLERANCE = 1e-3
+"""A point is misrouted when its error is above quantile + this (the paper's value)."""
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    """How one SMoE layer turns gate logits into a selection and trains it."""
+
+    experts: int = 3
+    k: int = 1
+    weighted: bool = False
+    activation: str = "identity"
+    noise: bool = False
+    absolute: bool = False
+    softmax: bool = False
+    rc_loss: bool = False
+    rc_weight: float = 1.0
+    damping: bool = False
+    damping_factor: float = 0.0
+    quantile: float = 0.3
+    error_scale: str | float = "mse"
+
+    def validate(self, where: str = "smoe") -> RoutingOptions:
+        if self.experts < 1:
+            raise InputError(f"{where}: experts must be at least 1, got {self.experts}")
+        if not 1 <= self.k <= self.experts:
+            raise InputError(
+                f"{where}: k={self.k} must be between 1 and experts={self.experts} (K <= E)"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise InputError(
+                f"{where}: routing activation {self.activation!r} is not one of {ACTIVATIONS}"
+            )
+        if not 0.0 <= self.quantile <= 1.0:
+            raise InputError(f"{where}: quantile must be in [0, 1], got {self.quantile}")
+        if not 0.0 <= self.damping_factor <= 1.0:
+            raise InputError(
+                f"{where}: damping_factor must be in [0, 1], got {self.damping_factor}"
+            )
+        if isinstance(self.error_scale, str) and self.error_scale != "mse":
+            raise InputError(f"{where}: error_scale must be 'mse' or a number")
+        return self
+
+
+def transform_scores(logits: torch.Tensor, options: RoutingOptions, training: bool) -> torch.Tensor:
+    """Activation, training noise N(0, (1/E)^2), |.|, softmax over experts, in that order."""
+    scores = logits
+    if options.activation == "sigmoid":
+        scores = torch.sigmoid(scores)
+    elif options.activation == "relu":
+        scores = F.relu(scores)
+    elif options.activation == "tanh":
+        scores = torch.tanh(scores)
+    if options.noise and training:
+        scores = scores + torch.randn_like(scores) / options.experts
+    if options.absolute:
+        scores = scores.abs()
+    if options.softmax:
+        scores = torch.softmax(scores, dim=1)
+    return scores
+
+
+def per_point_error(grad_out: torch.Tensor, scale: str | float) -> torch.Tensor:
+    """|dL/dout| rescaled to the per-point error, summed over each expert's filters.
+
+    For a mean-squared-error loss on the network output that one selection forms (the final
+    layer sums its K selections), dL/dout = 2 (out - y) / N with N the size of one selection,
+    so |out - y| is |dL/dout| * N / 2 ("mse"). Only the fixed offsets of the RC and damping
+    thresholds depend on the scale; the quantile comparison does not.
+    """
+    factor = grad_out[:, 0].numel() / 2.0 if scale == "mse" else float(scale)
+    return grad_out.abs().sum(dim=2) * factor  # [B, K, H, W]
+
+
+def sample_quantile(err: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of each sample's errors, shaped to broadcast against ``err``."""
+    flat = err.flatten(1)
+    if flat.shape[1] == 1:
+        return flat.view(-1, *([1] * (err.dim() - 1)))
+    return torch.quantile(flat, q, dim=1).view(-1, *([1] * (err.dim() - 1)))
+
+
+def rc_labels(correct: torch.Tensor, idx: torch.Tensor, experts: int) -> torch.Tensor:
+    """Labels [B, E, H, W]: 1/0 for selected experts by correctness, the rest share the misses.
+
+    An unselected expert gets (K - #correct selected) / (E - K): where every selection was
+    wrong, the gate is told to move probability mass to the others evenly.
+    """
+    batch, k, height, width = idx.shape
+    correct = correct.to(torch.float32)
+    if experts > k:
+        missing = (k - correct.sum(dim=1, keepdim=True)) / (experts - k)
+        labels = missing.expand(batch, experts, height, width).clone()
+    else:
+        labels = torch.zeros(batch, experts, height, width, device=idx.device)
+    return labels.scatter_(1, idx, correct)
+
+
+class RouteFunction(torch.autograd.Function):
+    """out[b, k] = Y[b, idx[b, k]] (* vals), with the SMoE straight-through backward.
+
+    Inputs: ``expert_out`` [B, E, F, H, W] (float32), ``logits`` [B, E, H, W] (the gate's raw
+    output, which receives the RC gradient), ``scores`` [B, E, H, W] (transformed logits, which
+    receive the task gradient), and a ``stash`` dict where the backward leaves the RC loss
+    value and the misrouted fraction for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, expert_out, logits, scores, options: RoutingOptions, stash: dict[str, Any]):
+        vals, idx = torch.topk(scores, options.k, dim=1)  # [B, K, H, W]
+        gather_idx = idx.unsqueeze(2).expand(-1, -1, expert_out.shape[2], -1, -1)
+        selected = torch.gather(expert_out, 1, gather_idx)  # [B, K, F, H, W]
+        out = selected * vals.unsqueeze(2) if options.weighted else selected
+        ctx.save_for_backward(logits, vals, idx, selected)
+        ctx.options = options
+        ctx.stash = stash
+        ctx.expert_shape = expert_out.shape
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_idx):
+        logits, vals, idx, selected = ctx.saved_tensors
+        options: RoutingOptions = ctx.options
+        gather_idx = idx.unsqueeze(2).expand(-1, -1, ctx.expert_shape[2], -1, -1)
+        need_error = options.rc_loss or (options.damping and options.experts > options.k)
+        if need_error:
+            err = per_point_error(grad_out, options.error_scale)
+            threshold = sample_quantile(err, options.quantile)
+
+        expert_grad = grad_out
+        if options.damping and options.experts > options.k:
+            misrouted = err > threshold + DAMPING_TOLERANCE
+            factor = torch.where(misrouted, options.damping_factor, 1.0).unsqueeze(2)
+            expert_grad = expert_grad * factor
+            ctx.stash["misrouted_fraction"] = misrouted.float().mean().detach()
+        if options.weighted:
+            expert_grad = expert_grad * vals.unsqueeze(2)
+        grad_experts = torch.zeros(ctx.expert_shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad_experts.scatter_(1, gather_idx, expert_grad)
+
+        grad_scores = grad_logits = None
+        if options.rc_loss:
+            labels = rc_labels(err <= threshold + RC_TOLERANCE, idx, options.experts)
+            grad_logits = (torch.sigmoid(logits) - labels) * (options.rc_weight / logits.numel())
+            ctx.stash["routing_classification"] = F.binary_cross_entropy_with_logits(
+                logits.detach(), labels
+            ).detach()
+        elif ctx.needs_input_grad[2]:
+            per_selection = grad_out * selected if options.weighted else grad_out
+            grad_scores = torch.zeros_like(logits)
+            grad_scores.scatter_(1, idx, per_selection.sum(dim=2))
+        return grad_experts, grad_logits, grad_scores, None, None
+
+
+def route(
+    expert_out: torch.Tensor,
+    logits: torch.Tensor,
+    options: RoutingOptions,
+    training: bool,
+    stash: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Select and gather in float32; returns (out [B, K, F, H, W], idx [B, K, H, W], scores)."""
+    device_type = expert_out.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        logits32 = logits.float()
+        scores = transform_scores(logits32, options, training)
+        out, idx = RouteFunction.apply(expert_out.float(), logits32, scores, options, stash)
+    return out, idx, scores
