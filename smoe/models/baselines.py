@@ -18,21 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.models.layers import AddCoords, LocallyConnected2d
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-}
-
-
-def make_activation(name: str) -> nn.Module:
-    """A fresh activation module by name, so configs can choose it as a plain string."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+from smoe.models.layers import AddCoords, LocallyConnected2d, make_activation
 
 
 def _widths(in_channels: int, hidden: Sequence[int], out_channels: int = 1) -> list[int]:

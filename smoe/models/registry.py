@@ -49,7 +49,7 @@ def build_model(
         return builder(in_channels, height, width, **extra, **options)
     except InputError as exc:
         raise InputError(f"{label}: {exc}") from exc
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"{label}: bad option ({exc})") from exc
 
 

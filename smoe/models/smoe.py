@@ -13,11 +13,11 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smoe.errors import InputError
 from smoe.models.gates import build_gate
+from smoe.models.layers import make_activation
 from smoe.models.routing import RoutingOptions, route
 
 AUX_LOSSES = ("importance", "load", "spatial")
@@ -165,11 +165,7 @@ class SMoENet(nn.Module):
         unknown = set(routing) - known
         if unknown:
             raise TypeError(f"unexpected options {sorted(unknown)}")
-        if hidden_activation not in ("relu", "gelu", "tanh", "identity"):
-            raise InputError(
-                f"hidden_activation {hidden_activation!r} is not relu/gelu/tanh/identity"
-            )
-        self.hidden_activation = hidden_activation
+        self.activation = make_activation(hidden_activation)
         if mask is not None:
             region = torch.as_tensor(mask, dtype=torch.float32)
             self.register_buffer("region_map", (region / max(float(region.max()), 1.0))[None, None])
@@ -219,20 +215,11 @@ class SMoENet(nn.Module):
         if self.layers[-1].out_channels != 1:
             raise InputError(f"the final SMoE layer must give 1 channel, got filters={filters}")
 
-    def _activate(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hidden_activation == "relu":
-            return F.relu(x)
-        if self.hidden_activation == "gelu":
-            return F.gelu(x)
-        if self.hidden_activation == "tanh":
-            return torch.tanh(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
             x = layer(x, self.region_map)
             if index < len(self.layers) - 1:
-                x = self._activate(x)
+                x = self.activation(x)
         return x
 
     @property
