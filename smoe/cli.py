@@ -193,6 +193,86 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one model with one seed",
+        description="Train a model on a train store, selecting the best epoch on a validation "
+        "store. The model comes from a workflow config (--config and --model) or a resolved "
+        "spec (--spec, as the workflow passes it). Resumes from OUT/last.pt when it exists.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="workflow config file (with --model)")
+    source.add_argument("--spec", help="resolved model spec as JSON")
+    p.add_argument("--model", help="model name under 'models' in --config")
+    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
+    p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
+    p.add_argument("--seed", type=int, required=True, help="training seed")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for best.pt, last.pt, history.csv, train.json",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import json
+
+    from smoe.config import ModelSpec, load_config, model_spec
+    from smoe.train.loop import train
+
+    if args.config is not None:
+        if not args.model:
+            raise InputError("--config needs --model NAME (a name under 'models')")
+        spec = model_spec(load_config(args.config), args.model)
+    else:
+        try:
+            spec = ModelSpec.from_dict(json.loads(args.spec))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"--spec is not a model spec: {exc}") from exc
+    summary = train(spec, args.train_store, args.val_store, args.seed, args.out, args.progress)
+    print(
+        f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
+        f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
+        f"({summary['stop_reason']})"
+    )
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="test metrics of a trained model (its best checkpoint)",
+        description="Evaluate best.pt on a store: mse, mae, rmse, nrmse, vrmse, prcntclose "
+        "(overall and per region type) and, for SMoE, routing agreement and learned kernels.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from smoe train")
+    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument(
+        "--routing-map",
+        type=Path,
+        default=None,
+        help="also save an SMoE model's majority routing map (.npy)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from smoe.train.evaluate import evaluate_checkpoint, write_json
+
+    result = evaluate_checkpoint(args.checkpoint, args.store, args.device, args.routing_map)
+    write_json(result, args.out)
+    metrics = result["metrics"]
+    line = f"{result['model']}: prcntclose1.0 = {metrics.get('prcntclose1.0', float('nan')):.4f}"
+    if result["routing"]:
+        line += f", routing agreement = {result['routing']['agreement']:.2f} %"
+    print(line)
+
+
 def _add_check_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-config",
@@ -220,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"smoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_mask, _add_simulate, _add_export, _add_check_config):
+    for add in (
+        _add_mask,
+        _add_simulate,
+        _add_export,
+        _add_train,
+        _add_evaluate,
+        _add_check_config,
+    ):
         add(sub)
     return parser
 

@@ -9,6 +9,7 @@ module at parse time cheaply.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from jsonschema import Draft202012Validator, validators
 
 from smoe.data.heat import HeatParams
 from smoe.errors import InputError
+from smoe.models.names import GATE_NAMES, MODEL_KINDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -84,12 +86,13 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
     if errors:
         lines = [_describe(error, schema) for error in errors]
         raise InputError("invalid config:\n  " + "\n  ".join(lines))
-    check_config(filled)
+    check_config(filled, schema)
     return filled
 
 
-def check_config(config: dict[str, Any]) -> None:
+def check_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
     """Checks across keys that a JSON schema cannot express."""
+    check_models(config, schema or load_schema())
     typed = Config.from_dict(config)
     types = typed.mask.types
     if len(typed.heat.diffusivity) != types:
@@ -107,6 +110,127 @@ def check_config(config: dict[str, Any]) -> None:
         except InputError as exc:
             raise InputError(f"config key 'mask.file': {exc}") from exc
         check_mask(mask, types, source)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replacing or (for mappings) merging into it."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _validate_section(value: dict[str, Any], schema: dict[str, Any], key: str) -> None:
+    errors = sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: e.path)
+    if errors:
+        lines = []
+        for error in errors:
+            error.path.extendleft(reversed(key.split(".")))
+            lines.append(_describe(error, schema))
+        raise InputError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def check_models(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Model kinds, gates and K <= E, and each model's train/data overrides once merged."""
+    models = config["models"]
+    train_schema = {**schema["$defs"]["train"], "$defs": schema["$defs"]}
+    data_schema = schema["properties"]["data"]
+    for name, model in models.items():
+        key = f"models.{name}"
+        if model["kind"] not in MODEL_KINDS:
+            raise InputError(
+                f"config key '{key}.kind': unknown model kind {model['kind']!r}; "
+                f"known kinds: {', '.join(MODEL_KINDS)}"
+            )
+        options = model["options"]
+        if model["kind"] == "smoe":
+            gate = options.get("gate", "latent")
+            if gate not in GATE_NAMES:
+                raise InputError(
+                    f"config key '{key}.options.gate': unknown gate {gate!r}; "
+                    f"known gates: {', '.join(GATE_NAMES)}"
+                )
+            experts, k = options.get("experts", 3), options.get("k", 1)
+            if not (isinstance(k, int) and isinstance(experts, int) and 1 <= k <= experts):
+                raise InputError(
+                    f"config key '{key}.options': k={k} must be between 1 and "
+                    f"experts={experts} (K <= E)"
+                )
+        _validate_section(deep_merge(config["train"], model["train"]), train_schema, f"{key}.train")
+        _validate_section(deep_merge(config["data"], model["data"]), data_schema, f"{key}.data")
+    for name in config["run"] or []:
+        if name not in models:
+            raise InputError(
+                f"config key 'run': model {name!r} is not defined under 'models' "
+                f"(defined: {', '.join(models) or 'none'})"
+            )
+    scale = config["evaluate"]["region_rtol_scale"]
+    if scale is not None and len(scale) != config["mask"]["types"]:
+        raise InputError(
+            f"config key 'evaluate.region_rtol_scale': {len(scale)} values for "
+            f"mask.types={config['mask']['types']} region types"
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines one model's training: what a train job's params hold.
+
+    Snakemake reruns a job when its params change, so a model's spec is exactly its own
+    options plus the train, data and evaluate settings it uses: editing one model retrains
+    only that model.
+    """
+
+    name: str
+    kind: str
+    options: dict[str, Any]
+    train: dict[str, Any]
+    data: dict[str, Any]
+    evaluate: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "options": self.options,
+            "train": self.train,
+            "data": self.data,
+            "evaluate": self.evaluate,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            **{key: data[key] for key in ("name", "kind", "options", "train", "data", "evaluate")}
+        )
+
+
+def model_spec(config: dict[str, Any], name: str) -> ModelSpec:
+    """The resolved spec of model ``name`` in a validated config."""
+    if name not in config["models"]:
+        raise InputError(
+            f"model {name!r} is not defined under 'models' "
+            f"(defined: {', '.join(config['models']) or 'none'})"
+        )
+    model = config["models"][name]
+    return ModelSpec(
+        name=name,
+        kind=model["kind"],
+        options=copy.deepcopy(model["options"]),
+        train=deep_merge(config["train"], model["train"]),
+        data=deep_merge(config["data"], model["data"]),
+        evaluate=copy.deepcopy(config["evaluate"]),
+    )
+
+
+def models_to_run(config: dict[str, Any]) -> list[str]:
+    return list(config["run"] if config["run"] is not None else config["models"])
 
 
 @dataclass(frozen=True)

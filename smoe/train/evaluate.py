@@ -1,0 +1,189 @@
+"""Evaluation: metrics of a model on a split, and for SMoE what its routing learned.
+
+Evaluation always loads ``best.pt`` (the best validation epoch), so test figures never come
+from whatever the last epoch happened to be. For SMoE models it also reports how well the
+final layer's routing matches the true region map (after the best one-to-one matching of
+experts to region types) and how close each matched expert's kernel is to the true stencil.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from smoe.config import ModelSpec
+from smoe.data.dataset import HeatPairs, Normalizer, loader
+from smoe.data.reference import reference_stencil
+from smoe.errors import InputError
+from smoe.models.registry import build_model
+from smoe.models.smoe import SMoELayer, smoe_layers
+from smoe.train.checkpoint import load_checkpoint
+from smoe.train.device import resolve_device, resolve_precision
+from smoe.train.metrics import MetricAccumulator
+
+
+class RoutingTally:
+    """Counts, over every evaluated point, which expert the final SMoE layer chose."""
+
+    def __init__(self, layer: SMoELayer, mask: torch.Tensor) -> None:
+        self.layer = layer
+        self.mask = mask.long()
+        self.experts = layer.routing.experts
+        self.types = int(self.mask.max()) + 1
+        height, width = self.mask.shape
+        self.per_point = torch.zeros(self.experts, height, width, dtype=torch.long)
+
+    def update(self) -> None:
+        chosen = self.layer.last_selection[:, 0].cpu()  # top-1 expert, [B, H, W]
+        self.per_point += torch.nn.functional.one_hot(chosen, self.experts).sum(0).permute(2, 0, 1)
+
+    def summary(self) -> dict[str, Any]:
+        from scipy.optimize import linear_sum_assignment
+
+        regions = torch.nn.functional.one_hot(self.mask, self.types).permute(2, 0, 1)
+        confusion = torch.einsum("ehw,thw->et", self.per_point, regions).numpy()  # [E, T]
+        experts, types = linear_sum_assignment(confusion, maximize=True)
+        matching = {int(e): int(t) for e, t in zip(experts, types, strict=True)}
+        total = confusion.sum()
+        majority = self.per_point.argmax(dim=0)
+        as_types = torch.tensor([matching.get(e, -1) for e in range(self.experts)])[majority]
+        return {
+            "agreement": 100.0 * float(confusion[experts, types].sum()) / float(total),
+            "map_agreement": 100.0 * float((as_types == self.mask).float().mean()),
+            "expert_to_type": matching,
+            "confusion": confusion.tolist(),
+            "map": majority.tolist(),
+        }
+
+
+def kernel_report(layer: SMoELayer, matching: dict[int, int], diffusivity) -> dict[str, Any]:
+    """Each matched expert's kernel on the current frame against its type's true stencil."""
+    kernels = layer.expert_kernels()[:, 0, 0].double().cpu()  # [E, k, k]
+    if kernels.shape[-1] != 3:
+        return {}
+    errors = {}
+    for expert, region in matching.items():
+        stencil = torch.from_numpy(reference_stencil(float(diffusivity[region])))
+        errors[expert] = float((kernels[expert] - stencil).abs().max())
+    return {
+        "kernels": kernels.tolist(),
+        "stencils": [reference_stencil(float(a)).tolist() for a in diffusivity],
+        "kernel_max_abs_error": max(errors.values()) if errors else None,
+        "kernel_error_per_expert": {str(e): v for e, v in errors.items()},
+    }
+
+
+@torch.no_grad()
+def dataset_metrics(
+    model: nn.Module,
+    dataset: HeatPairs,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    rtols,
+    region_rtol_scale,
+    batch_size: int,
+    tally: RoutingTally | None = None,
+) -> dict[str, float]:
+    """Every metric of ``model`` on ``dataset``, in physical units (denormalised)."""
+    accumulator = MetricAccumulator(dataset.mask, rtols, region_rtol_scale)
+    normalizer = dataset.normalizer
+    was_training = model.training
+    model.eval()
+    for x, y in loader(dataset, batch_size, shuffle=False, generator=None):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            pred = model(x)
+        accumulator.update(normalizer.denormalize(pred.float()), normalizer.denormalize(y))
+        if tally is not None:
+            tally.update()
+    model.train(was_training)
+    return accumulator.compute()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    store: str | Path,
+    device: str = "auto",
+    routing_map: str | Path | None = None,
+) -> dict[str, Any]:
+    """Test metrics of a ``best.pt`` on a store, plus routing and kernels for SMoE models."""
+    saved = load_checkpoint(Path(checkpoint))
+    if "val_metrics" not in saved:
+        raise InputError(f"{checkpoint}: not a best-model checkpoint (use best.pt)")
+    spec = ModelSpec.from_dict(saved["spec"])
+    info = saved["data"]
+    torch_device = resolve_device(device)
+    amp_dtype = resolve_precision(spec.train["precision"], torch_device)
+    dataset = HeatPairs(
+        store,
+        context=spec.data["context"],
+        mask_channel=spec.data["mask_channel"],
+        normalizer=Normalizer.from_dict(info["normalizer"]),
+        eager=spec.data["eager"],
+    )
+    if (dataset.height, dataset.width) != (info["height"], info["width"]) or not torch.equal(
+        dataset.mask, info["mask"]
+    ):
+        raise InputError(
+            f"store {str(store)!r} has a different grid or region map than the model was "
+            f"trained on ({info['train_store']})"
+        )
+    model = build_model(
+        spec.kind,
+        spec.options,
+        info["in_channels"],
+        info["height"],
+        info["width"],
+        mask=info["mask"],
+        name=spec.name,
+    )
+    model.load_state_dict(saved["model"])
+    model.to(torch_device)
+    layers = smoe_layers(model)
+    tally = RoutingTally(layers[-1], dataset.mask) if layers else None
+    evaluate = spec.evaluate
+    metrics = dataset_metrics(
+        model,
+        dataset,
+        torch_device,
+        amp_dtype,
+        evaluate["rtols"],
+        evaluate["region_rtol_scale"],
+        evaluate["batch_size"],
+        tally,
+    )
+    result: dict[str, Any] = {
+        "model": spec.name,
+        "kind": spec.kind,
+        "seed": saved["seed"],
+        "checkpoint": str(checkpoint),
+        "store": str(store),
+        "best_epoch": saved["epoch"],
+        "params": saved["params"],
+        "train_time_s": saved["train_time_s"],
+        "metrics": metrics,
+        "routing": None,
+    }
+    if tally is not None:
+        routing = tally.summary()
+        routing.update(kernel_report(layers[-1], routing["expert_to_type"], dataset.diffusivity))
+        routing["expert_to_type"] = {str(k): v for k, v in routing["expert_to_type"].items()}
+        result["routing"] = routing
+        if routing_map is not None:
+            np.save(routing_map, np.asarray(routing["map"], dtype=np.int64))
+    return result
+
+
+def write_json(result: dict[str, Any], out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(out)

@@ -1,0 +1,481 @@
+"""Training: config-driven, seeded, resumable, on CPU or CUDA (mixed precision on CUDA only).
+
+One call of :func:`train` trains one model with one seed and leaves in its folder
+``best.pt`` (the checkpoint evaluation uses: the best validation epoch, never the last by
+accident), ``last.pt`` (everything needed to resume), ``history.csv`` (one row per epoch)
+and ``train.json`` (a summary). A job killed mid-training resumes from ``last.pt`` and ends
+with the same metrics as an uninterrupted run: every random state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.config import ModelSpec
+from smoe.data.dataset import HeatPairs, Normalizer, loader
+from smoe.errors import InputError
+from smoe.models.registry import build_model, parameter_count
+from smoe.models.smoe import auxiliary_loss, smoe_layers
+from smoe.train.checkpoint import (
+    FORMAT,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_atomic,
+    seed_everything,
+)
+from smoe.train.device import resolve_device, resolve_precision
+from smoe.train.evaluate import dataset_metrics
+from smoe.train.metrics import is_better
+
+
+class TrainingError(InputError):
+    """Training cannot go on: non-finite data or loss (the message names epoch and step)."""
+
+
+def make_datasets(spec: ModelSpec, train_store: Path, val_store: Path) -> tuple[HeatPairs, ...]:
+    """Train and validation pairs, both scaled with the train split's statistics."""
+    data = spec.data
+    normalizer = Normalizer.fit(train_store, data["normalization"])
+    options = dict(
+        context=data["context"],
+        mask_channel=data["mask_channel"],
+        normalizer=normalizer,
+        eager=data["eager"],
+    )
+    train_set = HeatPairs(train_store, **options)
+    val_set = HeatPairs(val_store, **options)
+    if (val_set.height, val_set.width) != (train_set.height, train_set.width) or not torch.equal(
+        val_set.mask, train_set.mask
+    ):
+        raise InputError(
+            f"store {str(val_store)!r} has a different grid or region map than "
+            f"{str(train_store)!r}; both splits must come from the same mask"
+        )
+    return train_set, val_set
+
+
+def check_in_channels(model: nn.Module, dataset: HeatPairs, name: str) -> None:
+    """Fail early, with both numbers, when a model was built for other input channels."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    expected = getattr(first, "in_channels", None)
+    if first is not None and expected not in (dataset.in_channels, dataset.in_channels + 2):
+        raise InputError(
+            f"model {name!r} expects {expected} input channels but {str(dataset.store_path)!r} "
+            f"gives {dataset.in_channels} (1 frame + {dataset.context} context"
+            f"{' + mask' if dataset.in_channels > 1 + dataset.context else ''})"
+        )
+
+
+def param_groups(model: nn.Module, lr: float, gate_lr: float | None) -> list[dict[str, Any]]:
+    """Gate parameters get their own learning rate when one is given."""
+    gate, other = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (gate if ".gate." in f".{name}" else other).append(param)
+    if gate_lr is None or not gate:
+        return [{"params": gate + other, "lr": lr}]
+    return [{"params": other, "lr": lr}, {"params": gate, "lr": gate_lr, "name": "gate"}]
+
+
+def make_optimizer(model: nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    groups = param_groups(model, settings["lr"], settings["gate_lr"])
+    if settings["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=settings["lr"],
+            momentum=settings["momentum"],
+            weight_decay=settings["weight_decay"],
+        )
+    return torch.optim.Adam(groups, lr=settings["lr"], weight_decay=settings["weight_decay"])
+
+
+def make_scheduler(optimizer, settings: dict[str, Any]):
+    scheduler = settings["scheduler"]
+    if scheduler["kind"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode=settings["select"]["mode"],
+            factor=scheduler["factor"],
+            patience=scheduler["patience"],
+            min_lr=scheduler["min_lr"],
+        )
+    if scheduler["kind"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=settings["epochs"], eta_min=scheduler["min_lr"]
+        )
+    return None
+
+
+@dataclass
+class TrainState:
+    """What changes from epoch to epoch besides the model and optimizer."""
+
+    epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = -1
+    best_model: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] | None = None
+    stale_epochs: int = 0
+    history: list[dict[str, Any]] | None = None
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+
+
+class Trainer:
+    """Trains one model with one seed into ``out_dir``; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        train_store: str | Path,
+        val_store: str | Path,
+        seed: int,
+        out_dir: str | Path,
+        progress: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.settings = spec.train
+        self.seed = seed
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        if self.settings["threads"]:
+            torch.set_num_threads(self.settings["threads"])
+        self.device = resolve_device(self.settings["device"])
+        self.amp_dtype = resolve_precision(self.settings["precision"], self.device)
+        if self.settings["deterministic"] and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        self.generator = seed_everything(seed)
+        self.train_set, self.val_set = make_datasets(spec, Path(train_store), Path(val_store))
+        self.model = build_model(
+            spec.kind,
+            spec.options,
+            self.train_set.in_channels,
+            self.train_set.height,
+            self.train_set.width,
+            mask=self.train_set.mask,
+            name=spec.name,
+        ).to(self.device)
+        check_in_channels(self.model, self.train_set, spec.name)
+        self.params = parameter_count(self.model)
+        self.optimizer = make_optimizer(self.model, self.settings) if self.params else None
+        self.scheduler = make_scheduler(self.optimizer, self.settings) if self.params else None
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.state = TrainState(history=[])
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "seed": self.seed}
+
+    def _data_info(self) -> dict[str, Any]:
+        return {
+            "normalizer": self.train_set.normalizer.to_dict(),
+            "in_channels": self.train_set.in_channels,
+            "height": self.train_set.height,
+            "width": self.train_set.width,
+            "mask": self.train_set.mask.clone(),
+            "diffusivity": list(self.train_set.diffusivity),
+            "train_store": str(self.train_set.store_path),
+        }
+
+    def _save_last(self) -> None:
+        s = self.state
+        save_atomic(
+            {
+                "format": FORMAT,
+                **self._identity(),
+                "data": self._data_info(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict(),
+                "rng": capture_rng(self.generator),
+                "state": {
+                    "epoch": s.epoch,
+                    "best_metric": s.best_metric,
+                    "best_epoch": s.best_epoch,
+                    "best_model": s.best_model,
+                    "best_metrics": s.best_metrics,
+                    "stale_epochs": s.stale_epochs,
+                    "history": s.history,
+                    "elapsed_s": s.elapsed_s,
+                    "stop_reason": s.stop_reason,
+                },
+            },
+            self.out_dir / "last.pt",
+        )
+
+    def _save_best(self) -> None:
+        s = self.state
+        save_atomic(
+            {
+                "format": FORMAT,
+                **self._identity(),
+                "data": self._data_info(),
+                "model": s.best_model,
+                "epoch": s.best_epoch,
+                "val_metrics": s.best_metrics,
+                "params": self.params,
+                "train_time_s": s.elapsed_s,
+            },
+            self.out_dir / "best.pt",
+        )
+
+    def _try_resume(self) -> bool:
+        """Continue from ``last.pt`` if it belongs to this exact spec and seed."""
+        path = self.out_dir / "last.pt"
+        if not path.exists():
+            return False
+        try:
+            saved = load_checkpoint(path, map_location=self.device)
+        except InputError:
+            return False
+        if saved["spec"] != self.spec.to_dict() or saved["seed"] != self.seed:
+            return False
+        self.model.load_state_dict(saved["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        restore_rng(saved["rng"], self.generator)
+        self.state = TrainState(**saved["state"])
+        return True
+
+    # -- training ----------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, aux, rc, mis
+        first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # data, loss
+        steps = 0
+        batches = loader(
+            self.train_set,
+            self.settings["batch_size"],
+            shuffle=True,
+            generator=self.generator,
+            workers=self.spec.data["workers"],
+        )
+        for step, (x, y) in enumerate(batches):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self._autocast():
+                pred = self.model(x)
+            loss = F.mse_loss(pred.float(), y)
+            aux = auxiliary_loss(self.model)
+            total = loss if aux is None else loss + aux
+            bad_data = ~(torch.isfinite(x).all() & torch.isfinite(y).all())
+            bad_loss = ~torch.isfinite(total)
+            marker = torch.stack([bad_data, bad_loss]) & (first_bad < 0)
+            first_bad = torch.where(marker, step, first_bad)
+            if step % 64 == 0 or self.device.type == "cpu":
+                self._raise_if_bad(first_bad, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stats = [layer.stats for layer in smoe_layers(self.model)]
+            totals += torch.stack(
+                [
+                    loss.detach().double(),
+                    aux.detach().double() if aux is not None else totals.new_zeros(()),
+                    sum(
+                        (s.get("routing_classification", 0.0) for s in stats), totals.new_zeros(())
+                    ),
+                    sum((s.get("misrouted_fraction", 0.0) for s in stats), totals.new_zeros(())),
+                ]
+            )
+            steps += 1
+        self._raise_if_bad(first_bad, epoch)
+        if steps == 0:
+            raise InputError(f"store {str(self.train_set.store_path)!r} gave no training batch")
+        means = (totals / steps).tolist()
+        return {
+            "train_loss": means[0],
+            "train_aux": means[1],
+            "train_rc": means[2],
+            "train_misrouted": means[3],
+        }
+
+    def _raise_if_bad(self, first_bad: torch.Tensor, epoch: int) -> None:
+        data_step, loss_step = first_bad.tolist()
+        if data_step >= 0:
+            raise TrainingError(
+                f"model {self.spec.name!r}: non-finite value (NaN or Inf) in the training data "
+                f"at epoch {epoch}, step {data_step} (store {str(self.train_set.store_path)!r})"
+            )
+        if loss_step >= 0:
+            raise TrainingError(
+                f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at epoch "
+                f"{epoch}, step {loss_step}; lower train.lr or check the data"
+            )
+
+    def _validate(self) -> dict[str, float]:
+        evaluate = self.spec.evaluate
+        return dataset_metrics(
+            self.model,
+            self.val_set,
+            self.device,
+            self.amp_dtype,
+            evaluate["rtols"],
+            evaluate["region_rtol_scale"],
+            evaluate["batch_size"],
+        )
+
+    def run(self) -> dict[str, Any]:
+        """Train until the epochs run out, early stopping or the target metric is reached."""
+        resumed = self._try_resume()
+        select = self.settings["select"]
+        metric_name = select["metric"]
+        s = self.state
+        if self.params == 0 and not resumed:
+            return self._finish_without_training(metric_name)
+        epochs = self.settings["epochs"]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=epochs,
+                initial=s.epoch,
+                desc=f"train {self.spec.name}",
+                unit="epoch",
+                mininterval=1.0,
+            )
+        while s.epoch < epochs and not s.stop_reason:
+            started = time.perf_counter()
+            row = {"epoch": s.epoch, **self._train_epoch(s.epoch)}
+            metrics = self._validate()
+            if metric_name not in metrics:
+                raise InputError(
+                    f"train.select.metric {metric_name!r} is not a computed metric; "
+                    f"available: {', '.join(sorted(metrics))}"
+                )
+            value = metrics[metric_name]
+            row.update({f"val_{k}": v for k, v in metrics.items() if "-" not in k})
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            if len(self.optimizer.param_groups) > 1:
+                row["gate_lr"] = self.optimizer.param_groups[-1]["lr"]
+            if is_better(value, s.best_metric, select["mode"]):
+                s.best_metric, s.best_epoch, s.stale_epochs = value, s.epoch, 0
+                s.best_model = copy.deepcopy(self.model.state_dict())
+                s.best_metrics = metrics
+            else:
+                s.stale_epochs += 1
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(value)
+            elif self.scheduler is not None:
+                self.scheduler.step()
+            s.epoch += 1
+            s.elapsed_s += time.perf_counter() - started
+            row["time_s"] = s.elapsed_s
+            s.history.append(row)
+            s.stop_reason = self._stop_reason(value)
+            if s.best_epoch == s.epoch - 1:
+                self._save_best()
+            self._save_last()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"loss": f"{row['train_loss']:.3g}", metric_name: f"{value:.4g}"})
+        if bar is not None:
+            bar.close()
+        s.stop_reason = s.stop_reason or "epochs"
+        self._save_best()
+        self._save_last()
+        return self._write_summary(metric_name)
+
+    def _stop_reason(self, value: float) -> str:
+        settings = self.settings
+        target = settings["stop_at"]
+        if target is not None and not is_better(target, value, settings["select"]["mode"]):
+            return f"reached {settings['select']['metric']} {target}"
+        if settings["early_stop"] and self.state.stale_epochs >= settings["early_stop"]:
+            return f"no improvement for {settings['early_stop']} epochs"
+        return ""
+
+    def _finish_without_training(self, metric_name: str) -> dict[str, Any]:
+        """A model without parameters (persistence) is only validated once."""
+        s = self.state
+        metrics = self._validate()
+        s.best_metric, s.best_epoch, s.best_metrics = metrics.get(metric_name), 0, metrics
+        s.best_model = copy.deepcopy(self.model.state_dict())
+        s.history.append(
+            {"epoch": 0, **{f"val_{k}": v for k, v in metrics.items() if "-" not in k}}
+        )
+        s.epoch, s.stop_reason = 1, "no trainable parameters"
+        self._save_best()
+        return self._write_summary(metric_name)
+
+    def _write_summary(self, metric_name: str) -> dict[str, Any]:
+        s = self.state
+        self._write_history()
+        summary = {
+            "model": self.spec.name,
+            "kind": self.spec.kind,
+            "seed": self.seed,
+            "params": self.params,
+            "device": str(self.device),
+            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "epochs": s.epoch,
+            "best_epoch": s.best_epoch,
+            "select_metric": metric_name,
+            "best_value": s.best_metric,
+            "stop_reason": s.stop_reason,
+            "train_time_s": s.elapsed_s,
+            "val_metrics": s.best_metrics,
+        }
+        path = self.out_dir / "train.json"
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(summary, indent=2, default=_json_default))
+        partial.replace(path)
+        return summary
+
+    def _write_history(self) -> None:
+        rows = self.state.history
+        columns: list[str] = []
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        path = self.out_dir / "history.csv"
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        partial.replace(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def train(
+    spec: ModelSpec,
+    train_store: str | Path,
+    val_store: str | Path,
+    seed: int,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one model with one seed; see :class:`Trainer`."""
+    return Trainer(spec, train_store, val_store, seed, out_dir, progress).run()
