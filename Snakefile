@@ -1,4 +1,4 @@
-"""smoe workflow: region map -> heat-diffusion splits (zarr) -> ...
+"""smoe workflow: region map -> heat-diffusion splits (zarr) -> trained models -> test metrics.
 
 Run from the repository root: `snakemake --cores 2` builds everything for
 config/config.yaml; `--configfile config/paper.yaml` gives the paper's sizes. The config
@@ -15,6 +15,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

@@ -39,15 +39,25 @@ class Gate(nn.Module):
 class LatentGate(Gate):
     """A learned score map E x H x W that ignores the input (the paper's heat-run gate).
 
-    Initialised uniform in +-sqrt(3E/K): wide enough that the first routing decisions are
-    spread over all experts.
+    Initialised uniform in +-sqrt(3E/K) (the paper's range) unless ``init_scale`` gives
+    another bound: the range sets how many steps of a given learning rate it takes before
+    routing decisions can flip.
     """
 
     skip_init = True
 
-    def __init__(self, in_channels, experts, k, height, width, mask_input=False) -> None:
+    def __init__(
+        self,
+        in_channels,
+        experts,
+        k,
+        height,
+        width,
+        mask_input=False,
+        init_scale: float | None = None,
+    ) -> None:
         super().__init__(mask_input=False)
-        bound = math.sqrt(3.0 * experts / k)
+        bound = math.sqrt(3.0 * experts / k) if init_scale is None else float(init_scale)
         self.logits = nn.Parameter(torch.empty(experts, height, width).uniform_(-bound, bound))
 
     def forward(self, x, mask_channel=None):

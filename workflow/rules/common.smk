@@ -4,11 +4,12 @@ Rules stay declarative: every value they need comes from a function here, so rul
 lambdas and the config is read in one place.
 """
 
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
-from smoe.config import SPLITS, Config, validate_config
+from smoe.config import SPLITS, Config, model_spec, models_to_run, validate_config
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
 
@@ -23,8 +24,14 @@ RESULTS = str(CFG.results)
 SMOE_ENV = "../../envs/smoe.yaml"
 
 
+MODELS = models_to_run(config)
+SEEDS = [str(seed) for seed in config["seeds"]]
+
+
 wildcard_constraints:
     split="|".join(SPLITS),
+    model="|".join(map(re.escape, config["models"])) or "no-models",
+    seed=r"\d+",
 
 
 def mask_file():
@@ -48,8 +55,48 @@ def data_targets():
     return targets
 
 
+def metrics_targets():
+    """One test-metrics JSON per model x seed."""
+    return [
+        f"{RESULTS}/metrics/{model}/seed{seed}.json"
+        for model in MODELS
+        for seed in SEEDS
+    ]
+
+
 def all_targets():
-    return data_targets()
+    return data_targets() + metrics_targets()
+
+
+def model_dir(wildcards):
+    return f"{RESULTS}/models/{wildcards.model}/seed{wildcards.seed}"
+
+
+def model_spec_json(wildcards):
+    """The model's resolved spec: a change to it (and only to it) retrains the model."""
+    return model_spec(config, wildcards.model).to_json()
+
+
+def train_gpus(wildcards):
+    """GPUs a training job asks for: only when its config sends it to CUDA."""
+    train = model_spec(config, wildcards.model).train
+    return train["gpus"] if train["device"] == "cuda" else 0
+
+
+def train_mem_mb(wildcards):
+    """The train split in memory (eager loading) twice over, plus the framework."""
+    height, width = _grid_shape()
+    train = CFG.splits["train"]
+    field_mb = train.runs * (CFG.heat.steps + 1) * height * width * 4 / 2**20
+    return int(2000 + 2 * field_mb)
+
+
+def train_runtime(wildcards):
+    """Cluster time limit in minutes, from the epoch budget and the train split's size."""
+    height, width = _grid_shape()
+    spec = model_spec(config, wildcards.model)
+    samples = CFG.splits["train"].runs * CFG.heat.steps * height * width
+    return max(30, int(spec.train["epochs"] * samples / 4e6 / 60) + 30)
 
 
 def mask_inputs(wildcards):

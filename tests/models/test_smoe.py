@@ -1,0 +1,188 @@
+"""SMoE layers and networks: gates, auxiliary losses, the registry, learning the stencils."""
+
+import math
+
+import pytest
+import torch
+
+from smoe.data.mask import generate_mask
+from smoe.data.reference import reference_stencil
+from smoe.errors import InputError
+from smoe.models.gates import GATES, build_gate
+from smoe.models.names import GATE_NAMES, MODEL_KINDS
+from smoe.models.registry import MODELS, build_model, parameter_count
+from smoe.models.smoe import SMoENet, auxiliary_loss, smoe_layers
+
+MASK = torch.as_tensor(generate_mask(8, 9, 3, seed=1))
+
+
+def test_names_module_matches_the_registries():
+    assert sorted(MODEL_KINDS) == sorted(MODELS)
+    assert list(GATE_NAMES) == list(GATES)
+
+
+def test_paper_heat_model_has_12315_parameters():
+    mask = torch.as_tensor(generate_mask(64, 64, 3, seed=42))
+    model = build_model(
+        "smoe",
+        {"gate": "latent", "experts": 3, "k": 1, "rc_loss": True, "damping": True, "quantile": 0.3},
+        1,
+        64,
+        64,
+        mask=mask,
+    )
+    assert parameter_count(model) == 12_315  # 3 experts x 9 weights + a 3 x 64 x 64 gate
+
+
+def test_latent_gate_starts_in_the_paper_range():
+    gate = build_gate("latent", 1, 3, 1, 64, 64)
+    bound = math.sqrt(3 * 3 / 1)
+    assert gate.logits.abs().max() <= bound and gate.logits.abs().max() > 0.9 * bound
+    assert gate.skip_init
+    small = build_gate("latent", 1, 3, 1, 8, 8, init_scale=0.01)
+    assert small.logits.abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("gate", GATE_NAMES)
+@pytest.mark.parametrize("rc_loss", [False, True])
+def test_every_gate_routes_and_trains(gate, rc_loss):
+    torch.manual_seed(0)
+    model = SMoENet(2, 8, 9, mask=MASK, gate=gate, experts=3, k=1, rc_loss=rc_loss, damping=True)
+    x = torch.randn(4, 2, 8, 9)
+    out = model(x)
+    assert out.shape == (4, 1, 8, 9)
+    (out - torch.randn_like(out)).pow(2).mean().backward()
+    gate_params = list(model.final.gate.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gate_params)
+    if gate != "fixed":
+        assert any(p.grad.abs().sum() > 0 for p in gate_params)
+    assert model.final.experts.weight.grad.abs().sum() > 0
+    assert model.final.last_selection.shape == (4, 1, 8, 9)
+
+
+def test_fixed_gate_routes_by_the_region_map():
+    model = SMoENet(1, 8, 9, mask=MASK, gate="fixed", experts=3, k=1)
+    with torch.no_grad():
+        for e, a in enumerate((0.0025, 0.025, 0.25)):
+            model.final.experts.weight[e, 0] = torch.from_numpy(reference_stencil(a)).float()
+    x = torch.rand(2, 1, 8, 9)
+    out = model(x)
+    assert torch.equal(model.final.last_selection[:, 0], MASK.expand(2, -1, -1))
+    for e, a in enumerate((0.0025, 0.025, 0.25)):
+        kernel = torch.from_numpy(reference_stencil(a)).float()[None, None]
+        expected = torch.nn.functional.conv2d(x, kernel, padding=1)
+        torch.testing.assert_close(out[:, :, MASK == e], expected[:, :, MASK == e])
+
+
+def test_mask_input_feeds_the_region_map_to_the_gate():
+    model = SMoENet(1, 8, 9, mask=MASK, gate="conv1", mask_input=True)
+    assert model.final.gate.net.in_channels == 2
+    assert model(torch.rand(2, 1, 8, 9)).shape == (2, 1, 8, 9)
+
+
+def test_hidden_layers_concatenate_and_the_final_layer_sums():
+    model = SMoENet(
+        1,
+        8,
+        9,
+        mask=MASK,
+        hidden_layers=[{"experts": 4, "k": 2, "filters": 3}],
+        experts=3,
+        k=2,
+        weighted=True,
+    )
+    assert [layer.out_channels for layer in model.layers] == [6, 1]
+    assert model.layers[1].experts.in_channels == 6
+    assert model(torch.rand(2, 1, 8, 9)).shape == (2, 1, 8, 9)
+
+
+def test_auxiliary_losses_per_layer_and_summed():
+    torch.manual_seed(0)
+    model = SMoENet(
+        1,
+        8,
+        9,
+        mask=MASK,
+        hidden_layers=[{"experts": 4}],
+        experts=3,
+        k=1,
+        noise=True,
+        aux={"importance": 0.1, "load": 0.2, "spatial": 0.3},
+    )
+    model(torch.rand(2, 1, 8, 9))
+    per_layer = [layer.aux_losses for layer in smoe_layers(model)]
+    assert all(set(losses) == {"importance", "load", "spatial"} for losses in per_layer)
+    total = sum(v for losses in per_layer for v in losses.values())
+    torch.testing.assert_close(auxiliary_loss(model), total)
+    assert all(v >= 0 for losses in per_layer for v in losses.values())
+
+
+def test_importance_loss_is_zero_for_balanced_gates_and_spatial_for_constant_maps():
+    model = SMoENet(
+        1, 8, 9, mask=MASK, gate="latent", experts=3, k=1, aux={"importance": 1.0, "spatial": 1.0}
+    )
+    with torch.no_grad():
+        model.final.gate.logits.zero_()
+    model(torch.rand(2, 1, 8, 9))
+    assert model.final.aux_losses["importance"].item() == pytest.approx(0.0, abs=1e-9)
+    assert model.final.aux_losses["spatial"].item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        model.final.gate.logits[0] = 5.0
+    model(torch.rand(2, 1, 8, 9))
+    assert model.final.aux_losses["importance"].item() > 0.5
+
+
+def test_no_auxiliary_losses_by_default():
+    model = SMoENet(1, 8, 9, mask=MASK)
+    model(torch.rand(1, 1, 8, 9))
+    assert auxiliary_loss(model) is None
+
+
+@pytest.mark.parametrize(
+    "kind, options, message",
+    [
+        ("transformer", {}, "unknown model kind 'transformer'; known kinds: cnn"),
+        ("smoe", {"gate": "attention"}, "unknown gate 'attention'; known gates: latent"),
+        ("smoe", {"experts": 3, "k": 4}, "k=4 must be between 1 and experts=3"),
+        ("smoe", {"aux": {"balance": 1.0}}, "unknown auxiliary losses"),
+        ("smoe", {"aux": {"load": 1.0}}, "load loss needs noise"),
+        ("smoe", {"filters": 2}, "final SMoE layer must give 1 channel"),
+        ("smoe", {"expertz": 3}, "bad option"),
+        ("cnn", {"hiden": [3]}, "bad option"),
+        ("cnn", {"activation": "swish"}, "unknown activation 'swish'"),
+        ("smoe", {"gate": "latent", "gate_options": {"depth": 2}}, "gate 'latent': unknown option"),
+    ],
+)
+def test_bad_model_configuration_is_named(kind, options, message):
+    with pytest.raises(InputError, match=message):
+        build_model(kind, options, 1, 8, 9, mask=MASK, name="m")
+
+
+def test_fixed_gate_needs_enough_experts():
+    with pytest.raises(InputError, match="3 region types but only 2 experts"):
+        build_model("smoe", {"gate": "fixed", "experts": 2}, 1, 8, 9, mask=MASK)
+
+
+def test_smoe_with_oracle_gate_learns_the_three_stencils():
+    torch.manual_seed(0)
+    diffusivity = (0.0025, 0.025, 0.25)
+    a = torch.tensor(diffusivity)[MASK]
+    x = torch.rand(64, 1, 8, 9)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    neighbours = (
+        padded[..., :-2, 1:-1]
+        + padded[..., 2:, 1:-1]
+        + padded[..., 1:-1, :-2]
+        + padded[..., 1:-1, 2:]
+    )
+    y = x + a * (neighbours - 4 * x)
+    model = SMoENet(1, 8, 9, mask=MASK, gate="fixed", experts=3, k=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(400):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    kernels = model.final.expert_kernels()[:, 0, 0]
+    for e, value in enumerate(diffusivity):
+        stencil = torch.from_numpy(reference_stencil(value)).float()
+        assert (kernels[e] - stencil).abs().max() < 1e-3
