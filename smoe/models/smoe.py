@@ -28,6 +28,23 @@ def coefficient_of_variation_squared(values: torch.Tensor) -> torch.Tensor:
     return values.var(unbiased=False) / (values.mean() ** 2 + 1e-10)
 
 
+EXPERT_INITS = ("default", "identity")
+
+
+@torch.no_grad()
+def init_experts(weight: torch.Tensor, how: str, experts: int) -> None:
+    """``default`` keeps PyTorch's init; ``identity`` starts every expert filter near the
+    identity (the persistence predictor) with small random deviations, the natural start for
+    an operator that advances a field by one time step.
+    """
+    if how not in EXPERT_INITS:
+        raise InputError(f"expert_init {how!r} is not one of {EXPERT_INITS}")
+    if how == "identity":
+        out_channels, in_channels, height, width = weight.shape
+        weight.uniform_(-0.01, 0.01)
+        weight[:, 0, height // 2, width // 2] += 1.0
+
+
 class SMoELayer(nn.Module):
     """One SMoE layer: [B, C, H, W] -> [B, K*F, H, W] (concat) or [B, F, H, W] (sum over K)."""
 
@@ -46,6 +63,7 @@ class SMoELayer(nn.Module):
         mask: torch.Tensor | None = None,
         combine: str = "concat",
         aux: dict[str, float] | None = None,
+        expert_init: str = "default",
     ) -> None:
         super().__init__()
         self.routing = routing.validate()
@@ -66,6 +84,7 @@ class SMoELayer(nn.Module):
             padding=kernel_size // 2,
             bias=False,
         )
+        init_experts(self.experts.weight, expert_init, routing.experts)
         self.gate = build_gate(
             gate,
             in_channels,
@@ -158,6 +177,7 @@ class SMoENet(nn.Module):
         mask_input: bool = False,
         orthogonal: bool = False,
         aux: dict[str, float] | None = None,
+        expert_init: str = "default",
         **routing: Any,
     ) -> None:
         super().__init__()
@@ -181,6 +201,7 @@ class SMoENet(nn.Module):
             orthogonal=orthogonal,
             mask=mask,
             aux=aux,
+            expert_init=expert_init,
         )
         layers = []
         channels = in_channels

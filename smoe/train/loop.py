@@ -365,12 +365,7 @@ class Trainer:
             started = time.perf_counter()
             row = {"epoch": s.epoch, **self._train_epoch(s.epoch)}
             metrics = self._validate()
-            if metric_name not in metrics:
-                raise InputError(
-                    f"train.select.metric {metric_name!r} is not a computed metric; "
-                    f"available: {', '.join(sorted(metrics))}"
-                )
-            value = metrics[metric_name]
+            value = selected_value(metrics, metric_name)
             row.update({f"val_{k}": v for k, v in metrics.items() if "-" not in k})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             if len(self.optimizer.param_groups) > 1:
@@ -416,7 +411,11 @@ class Trainer:
         """A model without parameters (persistence) is only validated once."""
         s = self.state
         metrics = self._validate()
-        s.best_metric, s.best_epoch, s.best_metrics = metrics.get(metric_name), 0, metrics
+        s.best_metric, s.best_epoch, s.best_metrics = (
+            selected_value(metrics, metric_name),
+            0,
+            metrics,
+        )
         s.best_model = copy.deepcopy(self.model.state_dict())
         s.history.append(
             {"epoch": 0, **{f"val_{k}": v for k, v in metrics.items() if "-" not in k}}
@@ -461,6 +460,16 @@ class Trainer:
             writer.writeheader()
             writer.writerows(rows)
         partial.replace(path)
+
+
+def selected_value(metrics: dict[str, float], name: str) -> float:
+    """The selection metric's value, or an error listing the metrics that exist."""
+    if name not in metrics:
+        raise InputError(
+            f"train.select.metric {name!r} is not a computed metric; "
+            f"available: {', '.join(sorted(metrics))}"
+        )
+    return metrics[name]
 
 
 def _json_default(value: Any) -> Any:
