@@ -140,8 +140,33 @@ def test_rc_loss_gives_the_gate_only_the_bce_gradient():
     (2.0 * F.binary_cross_entropy_with_logits(reference, labels)).backward()
     torch.testing.assert_close(logits.grad, reference.grad)
     assert stash["routing_classification"] == pytest.approx(
-        F.binary_cross_entropy_with_logits(logits.detach(), labels).item()
+        2.0 * F.binary_cross_entropy_with_logits(logits.detach(), labels).item(), rel=1e-5
     )
+
+
+def test_batch_shared_logits_give_the_same_selection_and_gradients():
+    """A latent gate's logits are one map expanded over the batch; the shortcut for that
+    case must equal the general computation."""
+    y, _ = inputs(batch=3, height=6, width=6)
+    base = torch.randn(1, 3, 6, 6)
+    options = RoutingOptions(experts=3, k=1, rc_loss=True, damping=True, error_scale=1.0)
+    grad = torch.randn(3, 1, 1, 6, 6) * 1e-2
+    results = []
+    for shared in (True, False):
+        leaf = base.clone().requires_grad_()
+        logits = leaf.expand(3, -1, -1, -1)
+        if not shared:
+            logits = logits.contiguous()
+        expert_out = y.detach().clone().requires_grad_()
+        stash = {}
+        out, idx = RouteFunction.apply(expert_out, logits, logits, options, stash)
+        out.backward(grad)
+        results.append((out, idx, leaf.grad, expert_out.grad, stash["routing_classification"]))
+    (out_a, idx_a, gate_a, experts_a, rc_a), (out_b, idx_b, gate_b, experts_b, rc_b) = results
+    assert torch.equal(idx_a, idx_b) and torch.equal(out_a, out_b)
+    torch.testing.assert_close(gate_a, gate_b)
+    torch.testing.assert_close(experts_a, experts_b)
+    torch.testing.assert_close(rc_a, rc_b)
 
 
 def test_mse_error_scale_recovers_the_pointwise_error():
