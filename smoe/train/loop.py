@@ -13,6 +13,7 @@ import copy
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ from smoe.train.metrics import is_better
 
 class TrainingError(InputError):
     """Training cannot go on: non-finite data or loss (the message names epoch and step)."""
+
+
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """Bit-reproducible training (and so exact resumes) on CPU and, via cuBLAS's fixed
+    workspace, on CUDA; must run before the first cuBLAS call of the process."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def make_datasets(spec: ModelSpec, train_store: Path, val_store: Path) -> tuple[HeatPairs, ...]:
@@ -154,8 +164,8 @@ class Trainer:
             torch.set_num_threads(self.settings["threads"])
         self.device = resolve_device(self.settings["device"])
         self.amp_dtype = resolve_precision(self.settings["precision"], self.device)
-        if self.settings["deterministic"] and self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
+        if self.settings["deterministic"]:
+            use_deterministic_algorithms(self.device)
         self.generator = seed_everything(seed)
         self.train_set, self.val_set = make_datasets(spec, Path(train_store), Path(val_store))
         self.model = build_model(
@@ -240,7 +250,8 @@ class Trainer:
         if not path.exists():
             return False
         try:
-            saved = load_checkpoint(path, map_location=self.device)
+            # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+            saved = load_checkpoint(path, map_location="cpu")
         except InputError:
             return False
         if saved["spec"] != self.spec.to_dict() or saved["seed"] != self.seed:

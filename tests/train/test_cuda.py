@@ -1,0 +1,112 @@
+"""CUDA paths: mixed-precision training and evaluation. Skipped where no GPU is present."""
+
+import pytest
+import torch
+
+from smoe.config import model_spec, validate_config
+from smoe.data.heat import HeatParams
+from smoe.data.store import simulate_split
+from smoe.models.routing import RoutingOptions, route
+from smoe.train.device import resolve_precision
+from smoe.train.evaluate import evaluate_checkpoint
+from smoe.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, small_mask):
+    folder = tmp_path_factory.mktemp("cuda")
+    params = HeatParams((0.0025, 0.025, 0.25), steps=8)
+    return {
+        split: simulate_split(
+            small_mask, params, seed, runs, folder / f"{split}.zarr", progress=False
+        )
+        for split, seed, runs in (("train", 1, 6), ("val", 2, 2), ("test", 3, 2))
+    }
+
+
+def test_auto_precision_is_bf16_or_fp16_on_cuda_and_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert resolve_precision("fp32", torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routing_stays_float32_under_cuda_autocast(dtype):
+    y = torch.randn(4, 3, 1, 16, 16, device="cuda")
+    logits = torch.randn(4, 3, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, idx, scores = route(y.to(dtype), logits.to(dtype), RoutingOptions(), True, {})
+    assert out.dtype == torch.float32 and scores.dtype == torch.float32
+    assert torch.equal(idx, logits.to(dtype).float().argmax(1, keepdim=True))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kind", ["smoe", "cnn"])
+def test_mixed_precision_training_and_evaluation_on_cuda(stores, tmp_path, precision, kind):
+    options = (
+        {
+            "gate": "latent",
+            "rc_loss": True,
+            "damping": True,
+            "damping_factor": 0.1,
+            "expert_init": "identity",
+        }
+        if kind == "smoe"
+        else {"hidden": [4]}
+    )
+    config = validate_config(
+        {
+            "models": {"m": {"kind": kind, "options": options}},
+            "train": {
+                "device": "cuda",
+                "precision": precision,
+                "epochs": 3,
+                "batch_size": 8,
+                "lr": 0.01,
+            },
+        }
+    )
+    summary = train(
+        model_spec(config, "m"), stores["train"], stores["val"], 0, tmp_path, progress=False
+    )
+    assert summary["device"].startswith("cuda")
+    assert (
+        summary["precision"] == {"bf16": "bfloat16", "fp16": "float16", "fp32": "fp32"}[precision]
+    )
+    assert summary["epochs"] == 3
+    result = evaluate_checkpoint(tmp_path / "best.pt", stores["test"], device="cuda")
+    assert all(value == value for value in result["metrics"].values())  # no NaN
+    if kind == "smoe":
+        assert 0 <= result["routing"]["agreement"] <= 100
+
+
+def test_cuda_training_resumes_to_the_uninterrupted_result(stores, tmp_path):
+    def spec(epochs):
+        config = validate_config(
+            {
+                "models": {"m": {"kind": "cnn", "options": {"hidden": [2]}}},
+                "train": {"device": "cuda", "precision": "fp32", "epochs": epochs, "batch_size": 8},
+            }
+        )
+        return model_spec(config, "m")
+
+    whole = train(spec(4), stores["train"], stores["val"], 0, tmp_path / "a", progress=False)
+    from smoe.train.loop import Trainer
+
+    trainer = Trainer(spec(4), stores["train"], stores["val"], 0, tmp_path / "b", False)
+    original = trainer._validate
+    calls = {"n": 0}
+
+    def interrupt():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original()
+
+    trainer._validate = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    resumed = train(spec(4), stores["train"], stores["val"], 0, tmp_path / "b", progress=False)
+    assert resumed["val_metrics"] == pytest.approx(whole["val_metrics"], rel=1e-6)
