@@ -1,5 +1,6 @@
 """Real Snakemake runs of the workflow on the tiny config (config/test.yaml)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -54,6 +55,35 @@ def test_tiny_config_builds_mask_stores_and_netcdf(built, paper_mask):
         assert (data / "heat" / f"{split}.nc").exists()
     assert (built / "results" / "test" / "logs" / "data" / "simulate_train.log").exists()
     assert not list(data.glob("heat/*.partial"))
+
+
+def test_tiny_config_trains_and_evaluates_every_model(built):
+    results = built / "results" / "test"
+    for model in ("persistence", "cnn", "smoe"):
+        folder = results / "models" / model / "seed0"
+        expected = {"best.pt", "history.csv", "train.json"}
+        if model != "persistence":  # nothing to resume for a model without parameters
+            expected.add("last.pt")
+        assert expected <= {p.name for p in folder.iterdir()}
+        metrics = json.loads((results / "metrics" / model / "seed0.json").read_text())
+        assert metrics["model"] == model and metrics["seed"] == 0
+        assert 0 <= metrics["metrics"]["prcntclose1.0"] <= 100
+        assert (metrics["routing"] is not None) == (model == "smoe")
+    train = json.loads((results / "models" / "smoe" / "seed0" / "train.json").read_text())
+    assert train["epochs"] == 2 and train["params"] == 3 * 9 + 3 * 16 * 16
+
+
+def test_training_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo, tmp_path):
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    for device, expected in (("cuda", "gpu=1"), ("auto", "gpu=0")):
+        config["train"]["device"] = device
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        result = snakemake(repo, tmp_path, "-n", configfile=tmp_path / "c.yaml")
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = result.stdout + result.stderr
+        resources = re.findall(r"rule train:.*?resources: ([^\n]*)", out, re.S)
+        assert len(resources) == 3
+        assert all(expected in line for line in resources), resources
 
 
 def test_second_run_has_nothing_to_do(repo, built):
