@@ -111,13 +111,17 @@ class CoordConvNet(nn.Sequential):
         activation: str = "relu",
         bias: bool = True,
     ) -> None:
-        _check_kernel_size(kernel_size)
-
-        def conv(cin: int, cout: int) -> nn.Module:
-            return nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=bias)
-
-        widths = _widths(in_channels + 2, hidden)
-        super().__init__(AddCoords(), *_layer_stack(widths, conv, batchnorm, activation))
+        cnn = ConvNet(
+            in_channels + 2,
+            height,
+            width,
+            hidden=hidden,
+            kernel_size=kernel_size,
+            batchnorm=batchnorm,
+            activation=activation,
+            bias=bias,
+        )
+        super().__init__(AddCoords(), *cnn)
 
 
 class LocallyConnectedNet(nn.Sequential):

@@ -211,8 +211,9 @@ class RouteFunction(torch.autograd.Function):
             if options.damping_factor == 0.0:
                 expert_grad = expert_grad.masked_fill(misrouted, 0.0)
             else:
-                expert_grad = torch.where(misrouted, expert_grad * options.damping_factor,
-                                          expert_grad)
+                expert_grad = torch.where(
+                    misrouted, expert_grad * options.damping_factor, expert_grad
+                )
             ctx.stash["misrouted_fraction"] = misrouted.sum() / misrouted.numel()
         if options.weighted:
             expert_grad = expert_grad * vals.unsqueeze(2)
