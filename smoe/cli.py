@@ -257,6 +257,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also save an SMoE model's majority routing map (.npy)",
     )
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="also write the test predictions beside the true field (netCDF)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(run=_run_evaluate)
 
@@ -264,13 +270,35 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     from smoe.train.evaluate import evaluate_checkpoint, write_json
 
-    result = evaluate_checkpoint(args.checkpoint, args.store, args.device, args.routing_map)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.store, args.device, args.routing_map, args.predictions
+    )
     write_json(result, args.out)
     metrics = result["metrics"]
     line = f"{result['model']}: prcntclose1.0 = {metrics.get('prcntclose1.0', float('nan')):.4f}"
     if result["routing"]:
         line += f", routing agreement = {result['routing']['agreement']:.2f} %"
     print(line)
+
+
+def _add_aggregate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "aggregate",
+        help="tables of every evaluation result (CSV and Markdown)",
+        description="Aggregate metrics JSON files (smoe evaluate) into metrics_long.csv, "
+        "summary.csv and summary.md: mean +- std over seeds per model, overall and per region "
+        "type, with published reference figures where they apply.",
+    )
+    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
+    p.set_defaults(run=_run_aggregate)
+
+
+def _run_aggregate(args: argparse.Namespace) -> None:
+    from smoe.report.aggregate import aggregate
+
+    outputs = aggregate(args.metrics, args.out_dir)
+    print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
 def _add_check_config(sub: argparse._SubParsersAction) -> None:
@@ -306,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_train,
         _add_evaluate,
+        _add_aggregate,
         _add_check_config,
     ):
         add(sub)

@@ -88,8 +88,13 @@ def dataset_metrics(
     region_rtol_scale,
     batch_size: int,
     tally: RoutingTally | None = None,
+    predictions: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Every metric of ``model`` on ``dataset``, in physical units (denormalised)."""
+    """Every metric of ``model`` on ``dataset``, in physical units (denormalised).
+
+    ``predictions``, when given, receives each batch's denormalised predictions (on the CPU,
+    in dataset order) so that evaluation and the prediction export share one pass.
+    """
     accumulator = MetricAccumulator(dataset.mask, rtols, region_rtol_scale)
     normalizer = dataset.normalizer
     was_training = model.training
@@ -100,7 +105,10 @@ def dataset_metrics(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             pred = model(x)
-        accumulator.update(normalizer.denormalize(pred.float()), normalizer.denormalize(y))
+        pred = normalizer.denormalize(pred.float())
+        accumulator.update(pred, normalizer.denormalize(y))
+        if predictions is not None:
+            predictions.append(pred.cpu())
         if tally is not None:
             tally.update()
     model.train(was_training)
@@ -112,6 +120,7 @@ def evaluate_checkpoint(
     store: str | Path,
     device: str = "auto",
     routing_map: str | Path | None = None,
+    predictions_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Test metrics of a ``best.pt`` on a store, plus routing and kernels for SMoE models."""
     saved = load_checkpoint(Path(checkpoint))
@@ -149,6 +158,7 @@ def evaluate_checkpoint(
     layers = smoe_layers(model)
     tally = RoutingTally(layers[-1], dataset.mask) if layers else None
     evaluate = spec.evaluate
+    predictions: list[torch.Tensor] | None = [] if predictions_out is not None else None
     metrics = dataset_metrics(
         model,
         dataset,
@@ -158,6 +168,7 @@ def evaluate_checkpoint(
         evaluate["region_rtol_scale"],
         evaluate["batch_size"],
         tally,
+        predictions,
     )
     result: dict[str, Any] = {
         "model": spec.name,
@@ -178,6 +189,10 @@ def evaluate_checkpoint(
         result["routing"] = routing
         if routing_map is not None:
             np.save(routing_map, np.asarray(routing["map"], dtype=np.int64))
+    if predictions_out is not None:
+        from smoe.report.predictions import write_predictions
+
+        write_predictions(torch.cat(predictions), dataset, result, predictions_out)
     return result
 
 

@@ -77,6 +77,15 @@ def model_spec_json(wildcards):
     return model_spec(config, wildcards.model).to_json()
 
 
+def train_threads(wildcards):
+    """Cores of a training job: the model's train.threads, else compute.threads.
+
+    One thread per job lets two small models train side by side on a 2-core machine, which
+    beats one job using both cores for models this small.
+    """
+    return model_spec(config, wildcards.model).train["threads"] or CFG.threads
+
+
 def train_gpus(wildcards):
     """GPUs a training job asks for: only when its config sends it to CUDA."""
     train = model_spec(config, wildcards.model).train

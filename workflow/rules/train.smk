@@ -13,7 +13,7 @@ rule train:
         f"{RESULTS}/logs/train/{{model}}_seed{{seed}}.log",
     conda:
         SMOE_ENV
-    threads: CFG.threads
+    threads: train_threads
     resources:
         gpu=train_gpus,
         mem_mb=train_mem_mb,
@@ -32,6 +32,7 @@ rule evaluate:
         test=store_file("test"),
     output:
         metrics=f"{RESULTS}/metrics/{{model}}/seed{{seed}}.json",
+        predictions=f"{RESULTS}/predictions/{{model}}/seed{{seed}}.nc",
     log:
         f"{RESULTS}/logs/evaluate/{{model}}_seed{{seed}}.log",
     conda:
@@ -42,4 +43,4 @@ rule evaluate:
         runtime=30,
     shell:
         "smoe evaluate --checkpoint {input.best} --store {input.test} "
-        "--out {output.metrics} > {log} 2>&1"
+        "--out {output.metrics} --predictions {output.predictions} > {log} 2>&1"

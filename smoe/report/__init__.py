@@ -1,0 +1,1 @@
+"""Reports: aggregated tables, figures and prediction exports."""

@@ -1,0 +1,216 @@
+"""Aggregation: every evaluation result into tables (CSV and Markdown), mean +- std over seeds.
+
+Reads the metrics JSON of each model and seed (``smoe evaluate``) and writes, into one folder:
+
+* ``metrics_long.csv``: one row per model, seed and metric (the raw material);
+* ``summary.csv``: one row per model: seeds, and mean and std of every metric, overall and per
+  region type, with the parameter count, training time and (SMoE) routing figures; published
+  reference figures as extra rows marked ``published``;
+* ``summary.md``: the headline table and a per-region table, for humans and the report.
+
+Published figures come from ``references.yaml`` and are shown only when the evaluated test
+split is the one they were measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from smoe.errors import InputError
+
+REFERENCES = Path(__file__).with_name("references.yaml")
+HEADLINE = [
+    ("prcntclose1.0", "prcntclose1.0 (%)", "{:.2f}"),
+    ("prcntclose1.0s", "prcntclose1.0s (%)", "{:.2f}"),
+    ("mse", "mse", "{:.2e}"),
+    ("nrmse", "nRMSE", "{:.2e}"),
+    ("vrmse", "VRMSE", "{:.2e}"),
+    ("routing_agreement", "routing agreement (%)", "{:.2f}"),
+    ("kernel_max_abs_error", "max kernel error", "{:.1e}"),
+    ("train_time_s", "train time (s)", "{:.0f}"),
+]
+PER_REGION = [("prcntclose1.0", "{:.2f}"), ("prcntclose1.0s", "{:.2f}"), ("mse", "{:.2e}")]
+
+
+def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The metrics JSON files, with a clear error for a missing or malformed one."""
+    results = []
+    for path in paths:
+        path = Path(path)
+        try:
+            result = json.loads(path.read_text())
+            result["metrics"]  # noqa: B018 - the one key every result must have
+        except FileNotFoundError as exc:
+            raise InputError(f"metrics file {str(path)!r} does not exist") from exc
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"metrics file {str(path)!r} is not an evaluation result") from exc
+        results.append(result)
+    if not results:
+        raise InputError("no metrics files to aggregate")
+    return results
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Every number of one result: its metrics plus size, time and routing figures."""
+    values = dict(result["metrics"])
+    values["params"] = result["params"]
+    values["train_time_s"] = result["train_time_s"]
+    values["best_epoch"] = result["best_epoch"]
+    routing = result.get("routing")
+    if routing:
+        values["routing_agreement"] = routing["agreement"]
+        if routing.get("kernel_max_abs_error") is not None:
+            values["kernel_max_abs_error"] = routing["kernel_max_abs_error"]
+    return {key: float(value) for key, value in values.items()}
+
+
+def long_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = [
+        {"model": r["model"], "kind": r["kind"], "seed": r["seed"], "metric": k, "value": v}
+        for r in results
+        for k, v in flat_metrics(r).items()
+    ]
+    return pd.DataFrame(rows, columns=["model", "kind", "seed", "metric", "value"])
+
+
+def summary_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model (in the order first seen): seeds, mean and std of every number."""
+    long = long_table(results)
+    order = list(dict.fromkeys(r["model"] for r in results))
+    grouped = long.groupby(["model", "metric"], sort=False)["value"]
+    stats = grouped.agg(["mean", "std"]).unstack("metric")
+    stats.columns = [f"{metric}_{stat}" for stat, metric in stats.columns]
+    stats = stats.reindex(order)
+    seeds = long.groupby("model", sort=False)["seed"].nunique().reindex(order)
+    kinds = long.groupby("model", sort=False)["kind"].first().reindex(order)
+    table = pd.concat([kinds.rename("kind"), seeds.rename("seeds"), stats], axis=1)
+    table.insert(0, "source", "ours")
+    return table.rename_axis("model").reset_index()
+
+
+def applicable_references(store: str | Path, path: Path = REFERENCES) -> list[dict[str, Any]]:
+    """Published rows that apply to this test store (same split, map and physics), else []."""
+    from smoe.data.mask import generate_mask
+    from smoe.data.store import open_store
+
+    spec = yaml.safe_load(path.read_text())
+    want = spec["applies_to"]
+    try:
+        ds = open_store(store)
+    except InputError:
+        return []
+    attrs = ds.attrs
+    same = (
+        attrs.get("seed") == want["test_seed"]
+        and attrs.get("runs") == want["test_runs"]
+        and attrs.get("steps") == want["steps"]
+        and list(attrs.get("diffusivity", [])) == want["diffusivity"]
+    )
+    if not same:
+        return []
+    m = want["mask"]
+    paper_mask = generate_mask(m["height"], m["width"], m["types"], m["seed"])
+    if ds["mask"].shape != paper_mask.shape or not np.array_equal(ds["mask"].values, paper_mask):
+        return []
+    return spec["rows"]
+
+
+def reference_rows(references: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for ref in references:
+        row: dict[str, Any] = {
+            "model": ref["label"],
+            "source": "published",
+            "kind": "",
+            "seeds": np.nan,
+        }
+        for metric, value in ref.get("metrics", {}).items():
+            row[f"{metric}_mean"] = value
+        if "params" in ref:
+            row["params_mean"] = ref["params"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(row: pd.Series, metric: str, fmt: str, spread: bool = True) -> str:
+    mean = row.get(f"{metric}_mean", np.nan)
+    std = row.get(f"{metric}_std", np.nan) if spread else np.nan
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    text = fmt.format(mean)
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += " ± " + fmt.format(std)
+    return text
+
+
+def markdown(summary: pd.DataFrame, references: list[dict[str, Any]], types: int) -> str:
+    """The headline table (with published rows) and the per-region table."""
+    head = ["model", "seeds", "params"] + [title for _, title, _ in HEADLINE]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in summary.iterrows():
+        seeds = "" if pd.isna(row.get("seeds")) else str(int(row["seeds"]))
+        params = _cell(row, "params", "{:,.0f}", spread=False)
+        cells = [str(row["model"]), seeds, params]
+        cells += [_cell(row, metric, fmt) for metric, _, fmt in HEADLINE]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ["## Test metrics (mean ± std over seeds)", "", *lines, ""]
+    if references:
+        text += ["Rows marked *(published)* are reference figures, not our runs:", ""]
+        text += [f"- {ref['label']}: {ref['source']}" for ref in references]
+        text.append("")
+    region_head = ["model"] + [
+        f"type {t} {metric}" for t in range(types) for metric, _ in PER_REGION
+    ]
+    region_lines = ["| " + " | ".join(region_head) + " |", "|" + "---|" * len(region_head)]
+    for _, row in summary[summary["source"] == "ours"].iterrows():
+        cells = [str(row["model"])] + [
+            _cell(row, f"mask{t}-{metric}", fmt) for t in range(types) for metric, fmt in PER_REGION
+        ]
+        region_lines.append("| " + " | ".join(cells) + " |")
+    text += ["## Per region type", "", *region_lines, ""]
+    return "\n".join(text)
+
+
+def aggregate(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write metrics_long.csv, summary.csv and summary.md into ``out_dir``."""
+    results = load_results(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stores = {r["store"] for r in results}
+    references = applicable_references(next(iter(stores))) if len(stores) == 1 else []
+    ours = summary_table(results)
+    summary = (
+        pd.concat([ours, reference_rows(references)], ignore_index=True) if references else ours
+    )
+    types = 1 + max(
+        (
+            int(key.split("-")[0][4:])
+            for r in results
+            for key in r["metrics"]
+            if key.startswith("mask")
+        ),
+        default=-1,
+    )
+    outputs = {
+        "long": out_dir / "metrics_long.csv",
+        "summary": out_dir / "summary.csv",
+        "markdown": out_dir / "summary.md",
+    }
+    _write_atomic(outputs["long"], long_table(results).to_csv(index=False))
+    _write_atomic(outputs["summary"], summary.to_csv(index=False))
+    _write_atomic(outputs["markdown"], markdown(summary, references, types))
+    return outputs
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
