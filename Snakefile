@@ -1,4 +1,5 @@
-"""smoe workflow: region map -> heat-diffusion splits (zarr) -> trained models -> test metrics.
+"""smoe workflow: region map -> heat-diffusion splits (zarr) -> trained models -> test metrics ->
+tables, figures and an HTML report (`snakemake --report report.html`).
 
 Run from the repository root: `snakemake --cores 2` builds everything for
 config/config.yaml; `--configfile config/paper.yaml` gives the paper's sizes. The config
@@ -17,9 +18,13 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -64,8 +64,48 @@ def metrics_targets():
     ]
 
 
+def smoe_models():
+    return [m for m in MODELS if config["models"][m]["kind"] == "smoe"]
+
+
+def smoe_metrics_targets():
+    """Metrics of the SMoE models only: the routing and kernel figures need their routing."""
+    return [
+        f"{RESULTS}/metrics/{model}/seed{seed}.json"
+        for model in smoe_models()
+        for seed in SEEDS
+    ]
+
+
+def first_seed_predictions():
+    """Every model's test predictions for the first seed: one sample, all models side by side."""
+    return [f"{RESULTS}/predictions/{model}/seed{SEEDS[0]}.nc" for model in MODELS]
+
+
+def history_targets():
+    return [
+        f"{RESULTS}/models/{model}/seed{seed}/history.csv"
+        for model in MODELS
+        for seed in SEEDS
+    ]
+
+
+def report_targets():
+    """Tables and figures; the SMoE figures only when the config has an SMoE model."""
+    if not MODELS:
+        return []
+    figures = ["predictions", "learning_curves", "metric_bars"]
+    if smoe_models():
+        figures += ["routing", "kernels"]
+    targets = [f"{RESULTS}/tables/summary.csv"]
+    for name in figures:
+        targets += [f"{RESULTS}/figures/{name}.png", f"{RESULTS}/figures/{name}.svg"]
+    return targets
+
+
 def all_targets():
-    return data_targets() + metrics_targets()
+    """Data -> train -> evaluate -> aggregate -> figures."""
+    return data_targets() + metrics_targets() + report_targets()
 
 
 def model_dir(wildcards):
