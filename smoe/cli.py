@@ -301,6 +301,77 @@ def _run_aggregate(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
+FIGURES = ("routing", "predictions", "curves", "bars", "kernels")
+
+
+def _add_figure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "figure",
+        help="one report figure (PNG and SVG)",
+        description="Draw one figure of the report and save it as OUT.png and OUT.svg: "
+        "routing (true map beside each SMoE routing map), predictions (input/target/"
+        "prediction/error per model), curves (learning curves), bars (metrics per model), "
+        "kernels (learned kernels beside the true stencils).",
+    )
+    p.add_argument("kind", choices=FIGURES, help="which figure")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="metrics JSON files (routing, bars, kernels)",
+    )
+    p.add_argument("--mask", type=Path, default=None, help="region map .npy/.nc (routing)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="prediction netCDF files of smoe evaluate (predictions)",
+    )
+    p.add_argument(
+        "--histories",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="history.csv files of smoe train (curves)",
+    )
+    p.add_argument("--run", type=int, default=0, help="test run shown (predictions)")
+    p.add_argument("--time", type=int, default=None, help="time step shown (predictions)")
+    p.add_argument("--out", type=Path, required=True, help="output path (.png and .svg)")
+    p.set_defaults(run=_run_figure)
+
+
+def _run_figure(args: argparse.Namespace) -> None:
+    from smoe.report import figures
+
+    needs = {
+        "routing": ("metrics", "mask"),
+        "predictions": ("predictions",),
+        "curves": ("histories",),
+        "bars": ("metrics",),
+        "kernels": ("metrics",),
+    }
+    for option in needs[args.kind]:
+        if not getattr(args, option):
+            raise InputError(f"figure {args.kind!r} needs --{option}")
+    if args.kind == "routing":
+        from smoe.data.mask import load_mask
+
+        paths = figures.routing_figure(
+            load_mask(args.mask), figures.load_metrics(args.metrics), args.out
+        )
+    elif args.kind == "predictions":
+        paths = figures.predictions_figure(args.predictions, args.out, args.run, args.time)
+    elif args.kind == "curves":
+        paths = figures.learning_curves_figure(figures.load_histories(args.histories), args.out)
+    elif args.kind == "bars":
+        paths = figures.metric_bars_figure(figures.load_metrics(args.metrics), args.out)
+    else:
+        paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out)
+    print("wrote " + ", ".join(str(path) for path in paths))
+
+
 def _add_check_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-config",
@@ -335,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_evaluate,
         _add_aggregate,
+        _add_figure,
         _add_check_config,
     ):
         add(sub)
