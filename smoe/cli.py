@@ -336,7 +336,9 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="history.csv files of smoe train (curves)",
     )
-    p.add_argument("--run", type=int, default=0, help="test run shown (predictions)")
+    p.add_argument(
+        "--run", dest="sample_run", type=int, default=0, help="test run shown (predictions)"
+    )
     p.add_argument("--time", type=int, default=None, help="time step shown (predictions)")
     p.add_argument("--out", type=Path, required=True, help="output path (.png and .svg)")
     p.set_defaults(run=_run_figure)
@@ -362,7 +364,7 @@ def _run_figure(args: argparse.Namespace) -> None:
             load_mask(args.mask), figures.load_metrics(args.metrics), args.out
         )
     elif args.kind == "predictions":
-        paths = figures.predictions_figure(args.predictions, args.out, args.run, args.time)
+        paths = figures.predictions_figure(args.predictions, args.out, args.sample_run, args.time)
     elif args.kind == "curves":
         paths = figures.learning_curves_figure(figures.load_histories(args.histories), args.out)
     elif args.kind == "bars":

@@ -86,6 +86,53 @@ def test_training_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo, tmp_path):
         assert all(expected in line for line in resources), resources
 
 
+def test_tables_figures_and_html_report(repo, built):
+    results = built / "results" / "test"
+    summary = (results / "tables" / "summary.md").read_text()
+    for model in ("persistence", "cnn", "smoe"):
+        assert f"| {model} | 1 |" in summary
+    for name in ("predictions", "learning_curves", "metric_bars", "routing", "kernels"):
+        for suffix in (".png", ".svg"):
+            assert (results / "figures" / f"{name}{suffix}").stat().st_size > 1000, name
+    report = built / "report.html"
+    result = snakemake(repo, built, "--report", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    for marker in (
+        "summary.csv",
+        "routing.png",
+        "kernels.png",
+        "predictions.png",
+        "learning_curves.png",
+        "metric_bars.png",
+        "mask.png",
+        "routing each SMoE model learned",
+        "2 Tables",
+        "3 Figures",
+    ):
+        assert marker in html, marker
+
+
+def test_changing_one_model_retrains_only_that_model(repo, built):
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    config["models"]["cnn"]["options"]["hidden"] = [3]
+    (built / "changed.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(repo, built, "-n", configfile=built / "changed.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    trained = re.findall(r"rule train:.*?wildcards: model=([\w-]+)", out, re.S)
+    assert trained == ["cnn"]
+    assert "rule simulate:" not in out
+
+
+def test_a_figure_target_builds_only_what_it_needs(repo, tmp_path):
+    result = snakemake(repo, tmp_path, "-n", "results/test/figures/kernels.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert re.findall(r"rule train:.*?wildcards: model=([\w-]+)", out, re.S) == ["smoe"]
+    assert "rule figure_predictions:" not in out and "rule aggregate:" not in out
+
+
 def test_second_run_has_nothing_to_do(repo, built):
     result = snakemake(repo, built, "-n")
     assert result.returncode == 0
@@ -153,6 +200,8 @@ def test_paper_config_plans_the_full_data_stage(repo, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert re.search(r"simulate\s+3\n", out) and re.search(r"mask\s+1\n", out)
+    assert re.search(r"train\s+27\n", out) and re.search(r"evaluate\s+27\n", out)
+    assert re.search(r"aggregate\s+1\n", out) and re.search(r"figure_routing\s+1\n", out)
 
 
 def test_default_config_plans(repo, tmp_path):
