@@ -4,6 +4,7 @@ Rules stay declarative: every value they need comes from a function here, so rul
 lambdas and the config is read in one place.
 """
 
+import os
 import re
 import sys
 
@@ -106,6 +107,11 @@ def report_targets():
 def all_targets():
     """Data -> train -> evaluate -> aggregate -> figures."""
     return data_targets() + metrics_targets() + report_targets()
+
+
+def output_folder(wildcards, output):
+    """The folder of a rule's first output, for commands that take an output folder."""
+    return os.path.dirname(output[0])
 
 
 def model_dir(wildcards):

@@ -22,7 +22,7 @@ rule aggregate:
         mem_mb=2000,
         runtime=10,
     params:
-        out=f"{RESULTS}/tables",
+        out=output_folder,
     shell:
         "smoe aggregate {input} --out-dir {params.out} > {log} 2>&1"
 
