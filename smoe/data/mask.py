@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smoe.atomic import atomic_file
 from smoe.errors import InputError
 
 MASK_SUFFIXES = (".npy", ".nc")
@@ -146,14 +147,12 @@ def save_mask(mask: np.ndarray, path: str | Path) -> None:
     path = Path(path)
     if path.suffix not in MASK_SUFFIXES:
         raise InputError(f"mask output {str(path)!r}: expected a name ending in {MASK_SUFFIXES}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    if path.suffix == ".npy":
-        with open(partial, "wb") as handle:
-            np.save(handle, np.asarray(mask, dtype=np.int64))
-    else:
-        mask_dataset(mask).to_netcdf(partial, engine="netcdf4", format="NETCDF4")
-    partial.replace(path)
+    with atomic_file(path) as partial:
+        if path.suffix == ".npy":
+            with open(partial, "wb") as handle:
+                np.save(handle, np.asarray(mask, dtype=np.int64))
+        else:
+            mask_dataset(mask).to_netcdf(partial, engine="netcdf4", format="NETCDF4")
 
 
 def mask_dataset(mask: np.ndarray):
@@ -196,9 +195,6 @@ def plot_mask(mask: np.ndarray, path: str | Path, title: str = "region map") -> 
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial)
+    with atomic_file(Path(path)) as partial:
+        fig.savefig(partial, format="png")
     plt.close(fig)
-    partial.replace(path)

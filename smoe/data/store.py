@@ -9,11 +9,8 @@ only when complete, so a killed job never leaves a store that looks finished.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import dask
@@ -22,53 +19,11 @@ import numpy as np
 import xarray as xr
 
 from smoe import __version__
+from smoe.atomic import atomic_directory, atomic_file
 from smoe.data.choices import COMPRESSIONS, SCHEDULERS, chunk_runs, task_runs
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
 from smoe.data.mask import check_mask
 from smoe.errors import InputError
-
-
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a scratch directory that replaces ``final`` only if the block succeeds.
-
-    A leftover ``.partial`` from a killed run is removed first; on error the scratch
-    directory is removed and an existing ``final`` is left untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if final.exists():
-        previous = final.with_name(final.name + ".previous")
-        if previous.exists():
-            shutil.rmtree(previous)
-        final.rename(previous)
-        partial.rename(final)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(final)
-
-
-@contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Like :func:`atomic_directory` for a single file (``os.replace`` is atomic)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(final.name + ".partial")
-    partial.unlink(missing_ok=True)
-    try:
-        yield partial
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(final)
 
 
 def compressors(name: str) -> tuple | None:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from smoe.atomic import write_text_atomic
 from smoe.errors import InputError
 
 REFERENCES = Path(__file__).with_name("references.yaml")
@@ -204,13 +205,7 @@ def aggregate(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Pat
         "summary": out_dir / "summary.csv",
         "markdown": out_dir / "summary.md",
     }
-    _write_atomic(outputs["long"], long_table(results).to_csv(index=False))
-    _write_atomic(outputs["summary"], summary.to_csv(index=False))
-    _write_atomic(outputs["markdown"], markdown(summary, references, types))
+    write_text_atomic(outputs["long"], long_table(results).to_csv(index=False))
+    write_text_atomic(outputs["summary"], summary.to_csv(index=False))
+    write_text_atomic(outputs["markdown"], markdown(summary, references, types))
     return outputs
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)

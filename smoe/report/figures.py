@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from smoe.data.store import atomic_file
+from smoe.atomic import atomic_file
 from smoe.train.metrics import ATOL
 
 FORMATS = ("png", "svg")

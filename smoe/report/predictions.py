@@ -15,8 +15,9 @@ import torch
 import xarray as xr
 
 from smoe import __version__
+from smoe.atomic import atomic_file
 from smoe.data.dataset import HeatPairs
-from smoe.data.store import atomic_file, open_store
+from smoe.data.store import open_store
 
 
 def predictions_dataset(

@@ -15,17 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from smoe.atomic import atomic_file
 from smoe.errors import InputError
 
 FORMAT = 1
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    partial.replace(path)
+    with atomic_file(Path(path)) as partial:
+        torch.save(payload, partial)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from smoe.atomic import write_text_atomic
 from smoe.config import ModelSpec
 from smoe.data.dataset import HeatPairs, Normalizer, loader
 from smoe.data.reference import reference_stencil
@@ -197,8 +198,4 @@ def evaluate_checkpoint(
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2))
-    partial.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=2))

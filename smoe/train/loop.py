@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.atomic import atomic_file, write_text_atomic
 from smoe.config import ModelSpec
 from smoe.data.dataset import HeatPairs, Normalizer, loader
 from smoe.errors import InputError
@@ -453,10 +454,9 @@ class Trainer:
             "train_time_s": s.elapsed_s,
             "val_metrics": s.best_metrics,
         }
-        path = self.out_dir / "train.json"
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(summary, indent=2, default=_json_default))
-        partial.replace(path)
+        write_text_atomic(
+            self.out_dir / "train.json", json.dumps(summary, indent=2, default=_json_default)
+        )
         return summary
 
     def _write_history(self) -> None:
@@ -464,13 +464,11 @@ class Trainer:
         columns: list[str] = []
         for row in rows:
             columns += [key for key in row if key not in columns]
-        path = self.out_dir / "history.csv"
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        partial.replace(path)
+        with atomic_file(self.out_dir / "history.csv") as partial:
+            with open(partial, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 def selected_value(metrics: dict[str, float], name: str) -> float:
