@@ -22,7 +22,7 @@ from smoe import __version__
 from smoe.atomic import atomic_directory, atomic_file
 from smoe.data.choices import COMPRESSIONS, SCHEDULERS, chunk_runs, task_runs
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
-from smoe.data.mask import check_mask
+from smoe.data.mask import check_mask, mask_dataset
 from smoe.errors import InputError
 
 
@@ -121,15 +121,7 @@ def heat_dataset(
             field,
             {"long_name": "temperature (dimensionless heat field)", "units": "1"},
         ),
-        "mask": (
-            ("y", "x"),
-            mask.astype(np.int8),
-            {
-                "long_name": "region type of each grid cell",
-                "flag_values": np.arange(types, dtype=np.int8),
-                "flag_meanings": " ".join(f"region_{t}" for t in range(types)),
-            },
-        ),
+        "mask": mask_dataset(mask)["mask"],
         "diffusivity": (
             ("region",),
             np.asarray(params.diffusivity, dtype=np.float64),

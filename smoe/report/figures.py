@@ -39,7 +39,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from smoe.atomic import atomic_file
-from smoe.train.metrics import ATOL
 
 FORMATS = ("png", "svg")
 DPI = 150
@@ -270,6 +269,8 @@ class Sample:
     @property
     def close(self) -> float:
         """prcntclose1.0 of this one frame, with the metric's definition (atol + rtol |y|)."""
+        from smoe.train.metrics import ATOL  # imports torch: only the predictions figure needs it
+
         hits = np.abs(self.error) <= ATOL + CLOSE_RTOL * np.abs(self.target)
         return 100.0 * float(hits.mean())
 

@@ -179,6 +179,7 @@ class Trainer:
             name=spec.name,
         ).to(self.device)
         check_in_channels(self.model, self.train_set, spec.name)
+        self.smoe_layers = smoe_layers(self.model)
         self.params = parameter_count(self.model)
         self.optimizer = make_optimizer(self.model, self.settings) if self.params else None
         self.scheduler = make_scheduler(self.optimizer, self.settings) if self.params else None
@@ -305,7 +306,7 @@ class Trainer:
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            stats = [layer.stats for layer in smoe_layers(self.model)]
+            stats = [layer.stats for layer in self.smoe_layers]
             totals += torch.stack(
                 [
                     loss.detach().double(),

@@ -4,6 +4,7 @@ Rules stay declarative: every value they need comes from a function here, so rul
 lambdas and the config is read in one place.
 """
 
+import functools
 import os
 import re
 import sys
@@ -194,7 +195,9 @@ def simulate_args(wildcards):
     return " ".join(args)
 
 
+@functools.cache
 def _grid_shape():
+    """The grid's shape; read once, since every job's resources ask for it."""
     if CFG.mask.file:
         from smoe.data.mask import load_mask
 
