@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from smoe.data.provenance import store_provenance
 from smoe.data.store import open_store
 from smoe.errors import InputError
 
@@ -140,6 +141,7 @@ class HeatPairs(Dataset):
         self._check_shape()
         self._mask = torch.from_numpy(np.asarray(ds["mask"].values, dtype=np.int64))
         self._diffusivity = tuple(float(a) for a in ds["diffusivity"].values)
+        self._provenance = store_provenance(ds)
         types = max(len(self._diffusivity), int(self._mask.max()) + 1)
         self._mask_plane = (self._mask.float() / max(types - 1, 1)).unsqueeze(0)
         field_bytes = self._runs * self._frames * self._height * self._width * 4
@@ -236,6 +238,11 @@ class HeatPairs(Dataset):
     @property
     def in_channels(self) -> int:
         return 1 + self._context + int(self._mask_channel)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """How the store was made (:func:`smoe.data.provenance.store_provenance`)."""
+        return self._provenance
 
     @property
     def mask(self) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Gates: networks that score every expert at every point (logits [B, E, H, W]).
 
 One class per gate type, registered by name in :data:`GATES`, so config, CLI and reports
-agree on names and an unknown name fails in one place.
+agree on names and an unknown name fails in one place. As in the paper's reference code, no
+gate layer has a bias unless ``bias: true`` is given in the gate options: a bias adds a
+constant preference per expert (per point for the dense and locally connected gates) that
+the routing does not need and that changes which points flip first.
 """
 
 from __future__ import annotations
@@ -69,10 +72,14 @@ class ConvGate(Gate):
 
     kernel_size = 3
 
-    def __init__(self, in_channels, experts, k, height, width, mask_input=False) -> None:
+    def __init__(
+        self, in_channels, experts, k, height, width, mask_input=False, bias: bool = False
+    ) -> None:
         super().__init__(mask_input)
         channels = in_channels + int(mask_input)
-        self.net = nn.Conv2d(channels, experts, self.kernel_size, padding=self.kernel_size // 2)
+        self.net = nn.Conv2d(
+            channels, experts, self.kernel_size, padding=self.kernel_size // 2, bias=bias
+        )
 
     def forward(self, x, mask_channel=None):
         return self.net(self.gate_input(x, mask_channel))
@@ -85,32 +92,44 @@ class Conv1Gate(ConvGate):
 class CoordConvGate(Gate):
     """CoordConv: the conv also sees each point's coordinates, so it can learn positions."""
 
-    def __init__(self, in_channels, experts, k, height, width, mask_input=False) -> None:
+    def __init__(
+        self, in_channels, experts, k, height, width, mask_input=False, bias: bool = False
+    ) -> None:
         super().__init__(mask_input)
         channels = in_channels + int(mask_input) + 2
-        self.net = nn.Sequential(AddCoords(), nn.Conv2d(channels, experts, 3, padding=1))
+        self.net = nn.Sequential(AddCoords(), nn.Conv2d(channels, experts, 3, padding=1, bias=bias))
 
     def forward(self, x, mask_channel=None):
         return self.net(self.gate_input(x, mask_channel))
 
 
 class CoordConvMultiGate(Gate):
-    """CoordConv-BN-ReLU-Conv-BN-ReLU-Conv: a deeper coordinate-aware gate."""
+    """CoordConv-BN-ReLU-Conv-BN-ReLU-Conv: a deeper coordinate-aware gate, E channels wide
+    throughout unless ``hidden`` says otherwise (as the reference)."""
 
     def __init__(
-        self, in_channels, experts, k, height, width, mask_input=False, hidden: int = 16
+        self,
+        in_channels,
+        experts,
+        k,
+        height,
+        width,
+        mask_input=False,
+        hidden: int | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__(mask_input)
         channels = in_channels + int(mask_input) + 2
+        hidden = experts if hidden is None else hidden
         self.net = nn.Sequential(
             AddCoords(),
-            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=bias),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=bias),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
-            nn.Conv2d(hidden, experts, 3, padding=1),
+            nn.Conv2d(hidden, experts, 3, padding=1, bias=bias),
         )
 
     def forward(self, x, mask_channel=None):
@@ -120,11 +139,13 @@ class CoordConvMultiGate(Gate):
 class LinearGate(Gate):
     """A dense layer from the whole input field to every score: (C*H*W) -> (E*H*W)."""
 
-    def __init__(self, in_channels, experts, k, height, width, mask_input=False) -> None:
+    def __init__(
+        self, in_channels, experts, k, height, width, mask_input=False, bias: bool = False
+    ) -> None:
         super().__init__(mask_input)
         channels = in_channels + int(mask_input)
         self.experts, self.height, self.width = experts, height, width
-        self.net = nn.Linear(channels * height * width, experts * height * width)
+        self.net = nn.Linear(channels * height * width, experts * height * width, bias=bias)
 
     def forward(self, x, mask_channel=None):
         flat = self.gate_input(x, mask_channel).flatten(1)
@@ -136,10 +157,12 @@ class LCNGate(Gate):
 
     kernel_size = 3
 
-    def __init__(self, in_channels, experts, k, height, width, mask_input=False) -> None:
+    def __init__(
+        self, in_channels, experts, k, height, width, mask_input=False, bias: bool = False
+    ) -> None:
         super().__init__(mask_input)
         channels = in_channels + int(mask_input)
-        self.net = LocallyConnected2d(channels, experts, height, width, self.kernel_size)
+        self.net = LocallyConnected2d(channels, experts, height, width, self.kernel_size, bias=bias)
 
     def forward(self, x, mask_channel=None):
         return self.net(self.gate_input(x, mask_channel))

@@ -12,7 +12,10 @@ the paper's training signals live there:
   selections were good. Computing that gradient here costs no second backward pass.
 
 Routing runs in float32 even under autocast: top-K over half-precision scores is where
-mixed precision flips decisions.
+mixed precision flips decisions. Under loss scaling (``torch.amp.GradScaler``) the output
+gradient arriving here is the true one times the scale S; the per-point error is divided by
+S before its thresholds are applied and the injected RC gradient is multiplied by S, so the
+scaler's unscale leaves every decision and gradient exactly as without scaling.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ import torch.nn.functional as F
 from smoe.errors import InputError
 
 ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")
+RC_SIGNALS = ("score", "output")
+"""Which gradient the RC labels are judged by: ``score`` is dL/d(selected score), i.e. the
+output gradient times the selected expert's output when routing is weighted (the paper's
+reference code); ``output`` is |dL/dout| itself. They differ only for weighted routing."""
 RC_TOLERANCE = 1e-5
 """A selection is correct when its error is at most quantile + this (the paper's value)."""
 DAMPING_TOLERANCE = 1e-3
@@ -49,6 +56,7 @@ class RoutingOptions:
     damping_factor: float = 0.0
     quantile: float = 0.3
     error_scale: str | float = "mse"
+    rc_signal: str = "score"
 
     def validate(self, where: str = "smoe") -> RoutingOptions:
         if self.experts < 1:
@@ -69,37 +77,53 @@ class RoutingOptions:
             )
         if isinstance(self.error_scale, str) and self.error_scale != "mse":
             raise InputError(f"{where}: error_scale must be 'mse' or a number")
+        if self.rc_signal not in RC_SIGNALS:
+            raise InputError(f"{where}: rc_signal {self.rc_signal!r} is not one of {RC_SIGNALS}")
         return self
+
+
+def activate_scores(logits: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+    """The optional activation on the gate's logits: the "routing weights" that the
+    importance and spatial-agreement losses are computed on."""
+    if options.activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if options.activation == "relu":
+        return F.relu(logits)
+    if options.activation == "tanh":
+        return torch.tanh(logits)
+    return logits
+
+
+def add_noise(scores: torch.Tensor, options: RoutingOptions, training: bool) -> torch.Tensor:
+    """Training noise N(0, (1/E)^2); the load loss compares scores before and after it."""
+    if options.noise and training:
+        return scores + torch.randn_like(scores) / options.experts
+    return scores
+
+
+def finish_scores(noisy: torch.Tensor, options: RoutingOptions) -> torch.Tensor:
+    """|.| and softmax over experts, in that order: the scores top-K selects from."""
+    scores = noisy.abs() if options.absolute else noisy
+    return torch.softmax(scores, dim=1) if options.softmax else scores
 
 
 def transform_scores(logits: torch.Tensor, options: RoutingOptions, training: bool) -> torch.Tensor:
     """Activation, training noise N(0, (1/E)^2), |.|, softmax over experts, in that order."""
-    scores = logits
-    if options.activation == "sigmoid":
-        scores = torch.sigmoid(scores)
-    elif options.activation == "relu":
-        scores = F.relu(scores)
-    elif options.activation == "tanh":
-        scores = torch.tanh(scores)
-    if options.noise and training:
-        scores = scores + torch.randn_like(scores) / options.experts
-    if options.absolute:
-        scores = scores.abs()
-    if options.softmax:
-        scores = torch.softmax(scores, dim=1)
-    return scores
+    return finish_scores(add_noise(activate_scores(logits, options), options, training), options)
 
 
-def per_point_error(grad_out: torch.Tensor, scale: str | float) -> torch.Tensor:
-    """|dL/dout| rescaled to the per-point error, summed over each expert's filters.
+def per_point_error(signal: torch.Tensor, scale: str | float) -> torch.Tensor:
+    """|signal| rescaled to the per-point error, summed over each expert's filters.
 
-    For a mean-squared-error loss on the network output that one selection forms (the final
-    layer sums its K selections), dL/dout = 2 (out - y) / N with N the size of one selection,
-    so |out - y| is |dL/dout| * N / 2 ("mse"). Only the fixed offsets of the RC and damping
-    thresholds depend on the scale; the quantile comparison does not.
+    ``signal`` is dL/dout (already divided by any loss scale), or dL/dout times the selected
+    expert's output for the RC labels of weighted routing. For a mean-squared-error loss on
+    the network output that one selection forms (the final layer sums its K selections),
+    dL/dout = 2 (out - y) / N with N the size of one selection, so |out - y| is
+    |dL/dout| * N / 2 ("mse"). Only the fixed offsets of the RC and damping thresholds depend
+    on the scale; the quantile comparison does not.
     """
-    factor = grad_out[:, 0].numel() / 2.0 if scale == "mse" else float(scale)
-    return grad_out.abs().sum(dim=2) * factor  # [B, K, H, W]
+    factor = signal[:, 0].numel() / 2.0 if scale == "mse" else float(scale)
+    return signal.abs().sum(dim=2) * factor  # [B, K, H, W]
 
 
 def sample_quantile(err: torch.Tensor, q: float) -> torch.Tensor:
@@ -170,12 +194,21 @@ class RouteFunction(torch.autograd.Function):
 
     Inputs: ``expert_out`` [B, E, F, H, W] (float32), ``logits`` [B, E, H, W] (the gate's raw
     output, which receives the RC gradient), ``scores`` [B, E, H, W] (transformed logits, which
-    receive the task gradient), and a ``stash`` dict where the backward leaves the RC loss
-    value and the misrouted fraction for logging.
+    receive the task gradient), a ``stash`` dict where the backward leaves the RC loss value
+    and the misrouted fraction for logging, and ``loss_scale``: the factor S the loss was
+    multiplied by before backward (a 0-dim tensor, or None for 1).
     """
 
     @staticmethod
-    def forward(ctx, expert_out, logits, scores, options: RoutingOptions, stash: dict[str, Any]):
+    def forward(
+        ctx,
+        expert_out,
+        logits,
+        scores,
+        options: RoutingOptions,
+        stash: dict[str, Any],
+        loss_scale: torch.Tensor | None = None,
+    ):
         shared = batch_shared(scores)
         select_from = scores[:1] if shared else scores
         if options.k == 1:  # max is several times faster than topk for one selection
@@ -191,6 +224,7 @@ class RouteFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, vals, idx, selected)
         ctx.options = options
         ctx.stash = stash
+        ctx.loss_scale = loss_scale
         ctx.expert_shape = expert_out.shape
         ctx.mark_non_differentiable(idx)
         return out, idx
@@ -199,14 +233,16 @@ class RouteFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_idx):
         logits, vals, idx, selected = ctx.saved_tensors
         options: RoutingOptions = ctx.options
+        loss_scale = ctx.loss_scale
         gather_idx = idx.unsqueeze(2).expand(-1, -1, ctx.expert_shape[2], -1, -1)
-        need_error = options.rc_loss or (options.damping and options.experts > options.k)
-        if need_error:
-            err = per_point_error(grad_out, options.error_scale)
+        damp = options.damping and options.experts > options.k
+        if damp or options.rc_loss:
+            true_grad = grad_out if loss_scale is None else grad_out / loss_scale
+            err = per_point_error(true_grad, options.error_scale)
             threshold = sample_quantile(err, options.quantile)
 
         expert_grad = grad_out
-        if options.damping and options.experts > options.k:
+        if damp:
             misrouted = (err > threshold + DAMPING_TOLERANCE).unsqueeze(2)
             if options.damping_factor == 0.0:
                 expert_grad = expert_grad.masked_fill(misrouted, 0.0)
@@ -222,14 +258,35 @@ class RouteFunction(torch.autograd.Function):
 
         grad_scores = grad_logits = None
         if options.rc_loss:
+            if options.weighted and options.rc_signal == "score":
+                err = per_point_error(true_grad * selected, options.error_scale)
+                threshold = sample_quantile(err, options.quantile)
             labels = rc_labels(err <= threshold + RC_TOLERANCE, idx, options.experts)
             grad_logits, loss = rc_gradient(logits, labels, options.rc_weight)
+            if loss_scale is not None:  # the scaler divides every gradient by S again
+                grad_logits = grad_logits * loss_scale
             ctx.stash["routing_classification"] = loss
         elif ctx.needs_input_grad[2]:
             per_selection = grad_out * selected if options.weighted else grad_out
             grad_scores = torch.zeros_like(logits)
             grad_scores.scatter_(1, idx, per_selection.sum(dim=2))
-        return grad_experts, grad_logits, grad_scores, None, None
+        return grad_experts, grad_logits, grad_scores, None, None, None
+
+
+@dataclass
+class Routing:
+    """What :func:`route` computed: the selection and the scores at each stage."""
+
+    out: torch.Tensor
+    """selected expert outputs [B, K, F, H, W] (times the scores if weighted)"""
+    idx: torch.Tensor
+    """selected experts [B, K, H, W]"""
+    activated: torch.Tensor
+    """logits after the activation: what importance and spatial agreement are computed on"""
+    noisy: torch.Tensor
+    """activated plus training noise: what the load loss compares ``activated`` with"""
+    scores: torch.Tensor
+    """the final scores top-K selected from"""
 
 
 def route(
@@ -238,11 +295,16 @@ def route(
     options: RoutingOptions,
     training: bool,
     stash: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Select and gather in float32; returns (out [B, K, F, H, W], idx [B, K, H, W], scores)."""
+    loss_scale: torch.Tensor | None = None,
+) -> Routing:
+    """Select and gather in float32 (see :class:`RouteFunction` for ``loss_scale``)."""
     device_type = expert_out.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         logits32 = logits.float()
-        scores = transform_scores(logits32, options, training)
-        out, idx = RouteFunction.apply(expert_out.float(), logits32, scores, options, stash)
-    return out, idx, scores
+        activated = activate_scores(logits32, options)
+        noisy = add_noise(activated, options, training)
+        scores = finish_scores(noisy, options)
+        out, idx = RouteFunction.apply(
+            expert_out.float(), logits32, scores, options, stash, loss_scale
+        )
+    return Routing(out, idx, activated, noisy, scores)

@@ -5,6 +5,9 @@ each expert at each point and top-K routing keeps K of them per point (see
 :mod:`smoe.models.routing` for the backward pass that trains experts and gate). Auxiliary
 gate losses are exposed per layer in ``aux_losses`` (already multiplied by their
 coefficients) and summed by the trainer, as MoE libraries do.
+
+Training with a loss scale (fp16 with ``torch.amp.GradScaler``) must tell the layers the
+scale, :func:`set_loss_scale`, so that the routing signals stay those of the true gradient.
 """
 
 from __future__ import annotations
@@ -18,31 +21,58 @@ from torch import nn
 from smoe.errors import InputError
 from smoe.models.gates import build_gate
 from smoe.models.layers import make_activation
-from smoe.models.routing import RoutingOptions, route
+from smoe.models.routing import Routing, RoutingOptions, route
 
-AUX_LOSSES = ("importance", "load", "spatial")
+AUX_LOSSES = ("importance", "load", "spatial", "load_shazeer", "smoothness")
+"""``importance``, ``load`` and ``spatial`` (agreement across the batch) are the paper's
+reference formulas; ``load_shazeer`` (Shazeer et al. 2017's load, the threshold taken among
+the other experts) and ``smoothness`` (squared differences between neighbouring points)
+are ours."""
 
 
 def coefficient_of_variation_squared(values: torch.Tensor) -> torch.Tensor:
-    """CV^2 = var / mean^2: zero when every expert gets the same share."""
-    return values.var(unbiased=False) / (values.mean() ** 2 + 1e-10)
+    """CV^2 = (std / mean)^2 over all entries (unbiased std, as the reference code): zero
+    when every expert gets the same share."""
+    return (values.std() / values.mean()) ** 2
 
 
-EXPERT_INITS = ("default", "identity")
+EXPERT_INITS = ("reference", "pytorch", "identity")
 
 
 @torch.no_grad()
-def init_experts(weight: torch.Tensor, how: str, experts: int) -> None:
-    """``default`` keeps PyTorch's init; ``identity`` starts every expert filter near the
-    identity (the persistence predictor) with small random deviations, the natural start for
-    an operator that advances a field by one time step.
+def init_experts(weight: torch.Tensor, how: str, final: bool = True) -> None:
+    """How the expert filters start.
+
+    ``reference`` is the paper's code: Kaiming-uniform with the gain of the activation that
+    follows (1 for the final layer, whose output is the prediction: bound sqrt(3 / fan_in),
+    0.577 for one 3x3 input channel; sqrt(2) for hidden layers followed by a ReLU).
+    ``pytorch`` keeps ``nn.Conv2d``'s own init (bound 1 / sqrt(fan_in), 1/3 there).
+    ``identity`` starts every filter near the identity (the persistence predictor) with small
+    random deviations, the natural start for an operator that advances a field by one step.
     """
     if how not in EXPERT_INITS:
         raise InputError(f"expert_init {how!r} is not one of {EXPERT_INITS}")
-    if how == "identity":
+    if how == "reference":
+        nn.init.kaiming_uniform_(weight, nonlinearity="linear" if final else "relu")
+    elif how == "identity":
         out_channels, in_channels, height, width = weight.shape
         weight.uniform_(-0.01, 0.01)
         weight[:, 0, height // 2, width // 2] += 1.0
+
+
+LossScale = float | torch.Tensor | torch.amp.GradScaler | None
+
+
+def set_loss_scale(model: nn.Module, scale: LossScale) -> None:
+    """Tell every SMoE layer in ``model`` by how much the loss is multiplied before backward.
+
+    Pass the ``torch.amp.GradScaler`` itself (its current scale is read at every forward,
+    without a device synchronisation), a constant, or None for no scaling. Without this, the
+    damping and RC thresholds would see a gradient S times too large and the RC gradient
+    would reach the gate S times too small after unscaling.
+    """
+    for layer in smoe_layers(model):
+        layer.loss_scale = scale
 
 
 class SMoELayer(nn.Module):
@@ -63,7 +93,8 @@ class SMoELayer(nn.Module):
         mask: torch.Tensor | None = None,
         combine: str = "concat",
         aux: dict[str, float] | None = None,
-        expert_init: str = "default",
+        expert_init: str = "reference",
+        final: bool = True,
     ) -> None:
         super().__init__()
         self.routing = routing.validate()
@@ -75,8 +106,11 @@ class SMoELayer(nn.Module):
         unknown = set(self.aux) - set(AUX_LOSSES)
         if unknown:
             raise InputError(f"unknown auxiliary losses {sorted(unknown)}; known: {AUX_LOSSES}")
-        if "load" in self.aux and not (routing.noise and routing.experts > routing.k):
-            raise InputError("the load loss needs noise: true and more experts than k")
+        loads = {"load", "load_shazeer"} & set(self.aux)
+        if loads and not (routing.noise and routing.experts > routing.k):
+            raise InputError(
+                f"the {sorted(loads)[0]} loss needs noise: true and more experts than k"
+            )
         self.experts = nn.Conv2d(
             in_channels,
             routing.experts * filters,
@@ -84,7 +118,7 @@ class SMoELayer(nn.Module):
             padding=kernel_size // 2,
             bias=False,
         )
-        init_experts(self.experts.weight, expert_init, routing.experts)
+        init_experts(self.experts.weight, expert_init, final)
         self.gate = build_gate(
             gate,
             in_channels,
@@ -100,6 +134,7 @@ class SMoELayer(nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.last_selection: torch.Tensor | None = None
+        self.loss_scale: LossScale = None
 
     @property
     def out_channels(self) -> int:
@@ -111,45 +146,67 @@ class SMoELayer(nn.Module):
         expert_out = self.experts(x).view(batch, self.routing.experts, self.filters, height, width)
         logits = self.gate(x, mask_channel)
         self.stats = {}
-        out, idx, scores = route(expert_out, logits, self.routing, self.training, self.stats)
-        self.last_selection = idx.detach()
-        self.aux_losses = self._aux_losses(logits.float(), scores) if self.aux else {}
+        routing = route(
+            expert_out, logits, self.routing, self.training, self.stats, self._scale_tensor(x)
+        )
+        self.last_selection = routing.idx.detach()
+        self.aux_losses = self._aux_losses(routing) if self.aux and self.training else {}
         if self.combine == "sum":
-            return out.sum(dim=1)
-        return out.flatten(1, 2)
+            return routing.out.sum(dim=1)
+        return routing.out.flatten(1, 2)
 
-    def _aux_losses(self, logits: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _scale_tensor(self, x: torch.Tensor) -> torch.Tensor | None:
+        scale = self.loss_scale
+        if scale is None:
+            return None
+        if isinstance(scale, torch.amp.GradScaler):
+            if not scale.is_enabled():
+                return None
+            return scale.scale(torch.ones((), device=x.device))
+        return torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+
+    def _aux_losses(self, routing: Routing) -> dict[str, torch.Tensor]:
+        """The gate's auxiliary losses on this batch, each times its coefficient."""
+        weights = routing.activated
+        if self.routing.softmax:
+            weights = torch.softmax(weights, dim=1)
         losses = {}
-        probs = torch.softmax(logits, dim=1)
-        if "importance" in self.aux:
-            importance = probs.sum(dim=(0, 2, 3))
-            losses["importance"] = self.aux["importance"] * coefficient_of_variation_squared(
-                importance
-            )
+        if "importance" in self.aux:  # every expert's summed routing weight, equal
+            losses["importance"] = coefficient_of_variation_squared(weights.sum(dim=(0, 2, 3)))
+        if "spatial" in self.aux:  # each point routed alike in every sample of the batch
+            losses["spatial"] = routing.activated.std(dim=0).mean(dim=(1, 2)).sum()
         if "load" in self.aux:
-            losses["load"] = self.aux["load"] * coefficient_of_variation_squared(
-                self._smooth_load(logits, scores)
+            losses["load"] = coefficient_of_variation_squared(
+                self._selection_probability(routing, exclude_self=False).sum(dim=0)
             )
-        if "spatial" in self.aux:
+        if "load_shazeer" in self.aux:
+            losses["load_shazeer"] = coefficient_of_variation_squared(
+                self._selection_probability(routing, exclude_self=True).sum(dim=(0, 2, 3))
+            )
+        if "smoothness" in self.aux:
+            probs = torch.softmax(routing.activated, dim=1)
             vertical = (probs[:, :, 1:, :] - probs[:, :, :-1, :]).pow(2).sum(1).mean()
             horizontal = (probs[:, :, :, 1:] - probs[:, :, :, :-1]).pow(2).sum(1).mean()
-            losses["spatial"] = self.aux["spatial"] * (vertical + horizontal) / 2
-        return losses
+            losses["smoothness"] = (vertical + horizontal) / 2
+        return {name: self.aux[name] * loss for name, loss in losses.items()}
 
-    def _smooth_load(self, clean: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-        """Expected number of points per expert under the gate noise (Shazeer et al. 2017).
+    def _selection_probability(self, routing: Routing, exclude_self: bool) -> torch.Tensor:
+        """P(expert e is among the top K if its noise were drawn again), [B, E, H, W].
 
-        P(expert e stays in the top K if its noise were redrawn) = Phi((clean_e - t_e) / s),
-        with t_e the K-th largest noisy score among the other experts.
+        With ``exclude_self=False`` (the reference code) the threshold is the K-th largest
+        noisy score including e's own; with ``True`` (Shazeer et al. 2017) it is the K-th
+        largest among the other experts.
         """
         k = self.routing.k
-        top = torch.topk(noisy, k + 1, dim=1).values
-        threshold_if_in = top[:, k : k + 1]
-        threshold_if_out = top[:, k - 1 : k]
-        is_in = noisy >= threshold_if_out
-        threshold = torch.where(is_in, threshold_if_in, threshold_if_out)
+        clean, noisy = routing.activated, routing.noisy
         normal = torch.distributions.Normal(0.0, 1.0 / self.routing.experts)
-        return normal.cdf(clean - threshold).sum(dim=(0, 2, 3))
+        if not exclude_self:
+            threshold = torch.topk(noisy, k, dim=1).values[:, k - 1 : k]
+            return 1.0 - normal.cdf(threshold - clean)
+        top = torch.topk(noisy, k + 1, dim=1).values
+        is_in = noisy >= top[:, k - 1 : k]
+        threshold = torch.where(is_in, top[:, k : k + 1], top[:, k - 1 : k])
+        return normal.cdf(clean - threshold)
 
     def expert_kernels(self) -> torch.Tensor:
         """Expert weights [E, F, C, k, k] (detached), for comparing with known stencils."""
@@ -177,7 +234,7 @@ class SMoENet(nn.Module):
         mask_input: bool = False,
         orthogonal: bool = False,
         aux: dict[str, float] | None = None,
-        expert_init: str = "default",
+        expert_init: str = "reference",
         **routing: Any,
     ) -> None:
         super().__init__()
@@ -224,6 +281,7 @@ class SMoENet(nn.Module):
                 options,
                 filters=spec.get("filters", 1),
                 combine="concat",
+                final=False,
                 **shared,
             )
             layers.append(layer)

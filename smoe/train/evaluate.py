@@ -24,7 +24,7 @@ from smoe.errors import InputError
 from smoe.models.registry import build_model
 from smoe.models.smoe import SMoELayer, smoe_layers
 from smoe.train.checkpoint import load_checkpoint
-from smoe.train.device import resolve_device, resolve_precision
+from smoe.train.device import resolve_device
 from smoe.train.metrics import MetricAccumulator
 
 
@@ -84,14 +84,15 @@ def dataset_metrics(
     model: nn.Module,
     dataset: HeatPairs,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
     rtols,
     region_rtol_scale,
     batch_size: int,
     tally: RoutingTally | None = None,
     predictions: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Every metric of ``model`` on ``dataset``, in physical units (denormalised).
+    """Every metric of ``model`` on ``dataset``, in physical units (denormalised), computed
+    in float32 whatever precision the model trained in: a metric must not depend on how it
+    was computed, and a time step of this data is finer than half precision resolves.
 
     ``predictions``, when given, receives each batch's denormalised predictions (on the CPU,
     in dataset order) so that evaluation and the prediction export share one pass.
@@ -102,11 +103,7 @@ def dataset_metrics(
     model.eval()
     for x, y in loader(dataset, batch_size, shuffle=False, generator=None):
         x, y = x.to(device), y.to(device)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            pred = model(x)
-        pred = normalizer.denormalize(pred.float())
+        pred = normalizer.denormalize(model(x).float())
         accumulator.update(pred, normalizer.denormalize(y))
         if predictions is not None:
             predictions.append(pred.cpu())
@@ -130,7 +127,6 @@ def evaluate_checkpoint(
     spec = ModelSpec.from_dict(saved["spec"])
     info = saved["data"]
     torch_device = resolve_device(device)
-    amp_dtype = resolve_precision(spec.train["precision"], torch_device)
     dataset = HeatPairs(
         store,
         context=spec.data["context"],
@@ -164,7 +160,6 @@ def evaluate_checkpoint(
         model,
         dataset,
         torch_device,
-        amp_dtype,
         evaluate["rtols"],
         evaluate["region_rtol_scale"],
         evaluate["batch_size"],
@@ -177,6 +172,8 @@ def evaluate_checkpoint(
         "seed": saved["seed"],
         "checkpoint": str(checkpoint),
         "store": str(store),
+        "device": str(torch_device),
+        "precision": "fp32",
         "best_epoch": saved["epoch"],
         "params": saved["params"],
         "train_time_s": saved["train_time_s"],

@@ -4,7 +4,10 @@ One call of :func:`train` trains one model with one seed and leaves in its folde
 ``best.pt`` (the checkpoint evaluation uses: the best validation epoch, never the last by
 accident), ``last.pt`` (everything needed to resume), ``history.csv`` (one row per epoch)
 and ``train.json`` (a summary). A job killed mid-training resumes from ``last.pt`` and ends
-with the same metrics as an uninterrupted run: every random state is checkpointed.
+with the same metrics as an uninterrupted run: every random state is checkpointed. A
+``last.pt`` is only resumed when its model spec, seed and data (what the train and
+validation stores were generated from) are this run's; otherwise, or when it cannot be read,
+training starts from scratch and the log says why.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +30,10 @@ from torch import nn
 from smoe.atomic import atomic_file, write_text_atomic
 from smoe.config import ModelSpec
 from smoe.data.dataset import HeatPairs, Normalizer, loader
+from smoe.data.provenance import describe_difference
 from smoe.errors import InputError
 from smoe.models.registry import build_model, parameter_count
-from smoe.models.smoe import auxiliary_loss, smoe_layers
+from smoe.models.smoe import auxiliary_loss, set_loss_scale, smoe_layers
 from smoe.train.checkpoint import (
     FORMAT,
     capture_rng,
@@ -186,11 +191,26 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
+        set_loss_scale(self.model, self.scaler)  # routing signals stay those of the true loss
         self.state = TrainState(history=[])
+        self.resumed_from: int | None = None
+        self.fresh_start_reason = ""
 
     # -- checkpoints -------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "seed": self.seed}
+        """What a checkpoint must match to be resumed: the spec, the seed and the data."""
+        return {
+            "spec": self.spec.to_dict(),
+            "seed": self.seed,
+            "data_provenance": {
+                "train": self.train_set.provenance,
+                "val": self.val_set.provenance,
+            },
+        }
+
+    def log(self, message: str) -> None:
+        """A line for the job's log (stderr), beside the progress bar."""
+        print(f"smoe train: {message}", file=sys.stderr, flush=True)
 
     def _data_info(self) -> dict[str, Any]:
         return {
@@ -247,17 +267,18 @@ class Trainer:
         )
 
     def _try_resume(self) -> bool:
-        """Continue from ``last.pt`` if it belongs to this exact spec and seed."""
+        """Continue from ``last.pt`` if it belongs to this exact spec, seed and data."""
         path = self.out_dir / "last.pt"
         if not path.exists():
             return False
         try:
             # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
             saved = load_checkpoint(path, map_location="cpu")
-        except InputError:
-            return False
-        if saved["spec"] != self.spec.to_dict() or saved["seed"] != self.seed:
-            return False
+        except InputError as exc:
+            return self._start_fresh(f"{exc}")
+        mismatch = self._identity_mismatch(saved)
+        if mismatch:
+            return self._start_fresh(f"{path} was trained with {mismatch}")
         self.model.load_state_dict(saved["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -266,7 +287,27 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng(saved["rng"], self.generator)
         self.state = TrainState(**saved["state"])
+        self.resumed_from = self.state.epoch
+        self.log(f"resuming from {path} after epoch {self.state.epoch}")
         return True
+
+    def _identity_mismatch(self, saved: dict[str, Any]) -> str:
+        """Why ``saved`` is not this run's checkpoint ("" when it is)."""
+        current = self._identity()
+        if saved.get("seed") != self.seed:
+            return f"another seed ({saved.get('seed')}, this run: {self.seed})"
+        if saved.get("spec") != current["spec"]:
+            change = describe_difference(saved.get("spec") or {}, current["spec"])
+            return f"another model spec ({change})"
+        old_data = saved.get("data_provenance") or {}
+        if old_data != current["data_provenance"]:
+            return f"other data ({describe_difference(old_data, current['data_provenance'])})"
+        return ""
+
+    def _start_fresh(self, reason: str) -> bool:
+        self.fresh_start_reason = reason
+        self.log(f"not resuming: {reason}; training from scratch")
+        return False
 
     # -- training ----------------------------------------------------------------------
     def _autocast(self):
@@ -348,7 +389,6 @@ class Trainer:
             self.model,
             self.val_set,
             self.device,
-            self.amp_dtype,
             evaluate["rtols"],
             evaluate["region_rtol_scale"],
             evaluate["batch_size"],
@@ -453,6 +493,8 @@ class Trainer:
             "best_value": s.best_metric,
             "stop_reason": s.stop_reason,
             "train_time_s": s.elapsed_s,
+            "resumed_from_epoch": self.resumed_from,
+            "fresh_start_reason": self.fresh_start_reason or None,
             "val_metrics": s.best_metrics,
         }
         write_text_atomic(

@@ -184,7 +184,8 @@ def test_mse_error_scale_recovers_the_pointwise_error():
 def test_routing_runs_in_float32_under_autocast():
     y, logits = inputs(height=8, width=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, idx, scores = route(y.bfloat16(), logits.bfloat16(), RoutingOptions(), True, {})
+        r = route(y.bfloat16(), logits.bfloat16(), RoutingOptions(), True, {})
+        out, idx, scores = r.out, r.idx, r.scores
     assert out.dtype == torch.float32 and scores.dtype == torch.float32
     assert torch.equal(idx, torch.topk(logits.bfloat16().float(), 1, dim=1).indices)
 
@@ -218,3 +219,46 @@ def test_score_transforms():
 def test_bad_routing_options(options, message):
     with pytest.raises(InputError, match=message):
         options.validate()
+
+
+def _scaled_step(scale, use_scaler=False):
+    """One training step of the paper's heat SMoE (RC loss, damping) with the loss multiplied
+    by ``scale`` before backward; returns the unscaled gradients and the routing stats."""
+    from smoe.models.smoe import SMoENet, set_loss_scale
+
+    torch.manual_seed(0)
+    model = SMoENet(
+        1, 12, 10, gate="latent", experts=3, k=1, rc_loss=True, damping=True, quantile=0.3
+    )
+    x = torch.rand(4, 1, 12, 10, generator=torch.Generator().manual_seed(1))
+    y = x + 0.01 * torch.rand(4, 1, 12, 10, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if use_scaler else None
+    set_loss_scale(model, scaler if use_scaler else scale)
+    loss = F.mse_loss(model(x), y)
+    if use_scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        (loss * scale).backward()
+    grads = {
+        name: p.grad.clone() if use_scaler else p.grad / scale
+        for name, p in model.named_parameters()
+    }
+    stats = {key: float(value) for key, value in model.final.stats.items()}
+    return model.final.last_selection.clone(), grads, stats
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_a_loss_scale_changes_no_selection_damping_or_gradient(use_scaler):
+    """fp16 training multiplies the loss by S (2**16 by default); the routing must see the
+    true gradient: the same damped points, the same RC labels and loss, the same gate and
+    expert gradients as with S = 1 (powers of two scale float32 exactly)."""
+    idx1, grads1, stats1 = _scaled_step(1.0)
+    idx_s, grads_s, stats_s = _scaled_step(2.0**16, use_scaler)
+    assert torch.equal(idx1, idx_s)
+    assert stats1 == stats_s and 0 < stats1["misrouted_fraction"] < 1
+    assert stats1["routing_classification"] > 0
+    assert grads1.keys() == grads_s.keys() == {"layers.0.experts.weight", "layers.0.gate.logits"}
+    for name in grads1:
+        assert torch.equal(grads1[name], grads_s[name]), name

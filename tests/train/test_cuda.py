@@ -37,7 +37,8 @@ def test_routing_stays_float32_under_cuda_autocast(dtype):
     y = torch.randn(4, 3, 1, 16, 16, device="cuda")
     logits = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
-        out, idx, scores = route(y.to(dtype), logits.to(dtype), RoutingOptions(), True, {})
+        r = route(y.to(dtype), logits.to(dtype), RoutingOptions(), True, {})
+        out, idx, scores = r.out, r.idx, r.scores
     assert out.dtype == torch.float32 and scores.dtype == torch.float32
     assert torch.equal(idx, logits.to(dtype).float().argmax(1, keepdim=True))
 

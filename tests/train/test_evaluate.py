@@ -71,7 +71,7 @@ def trained(stores, tmp_path_factory):
         # A linear convolution with plain SGD past its stability limit: worse every epoch.
         "worsening": make_spec(
             "cnn",
-            {"hidden": [], "batchnorm": False},
+            {"hidden": [], "batchnorm": False, "bias": True},
             optimizer="sgd",
             lr=2.0,
             momentum=0.0,
@@ -112,7 +112,7 @@ def test_evaluation_uses_the_best_epoch_not_the_last(trained, stores):
     model = build_model("cnn", last["spec"]["options"], info["in_channels"], 12, 10)
     model.load_state_dict(last["model"])
     dataset = HeatPairs(stores["val"], normalizer=Normalizer.from_dict(info["normalizer"]))
-    at_last = dataset_metrics(model, dataset, torch.device("cpu"), None, [0.01], None, 256)
+    at_last = dataset_metrics(model, dataset, torch.device("cpu"), [0.01], None, 256)
     assert at_last["mse"] > 2 * result["metrics"]["mse"]
 
     test = evaluate_checkpoint(folder / "best.pt", stores["test"], device="cpu")

@@ -31,7 +31,7 @@ PAPER_SMOE = {
 # the validation error grows every epoch but stays finite for a few epochs.
 DIVERGING = dict(
     kind="cnn",
-    options={"hidden": [], "batchnorm": False},
+    options={"hidden": [], "batchnorm": False, "bias": True},
     optimizer="sgd",
     lr=2.0,
     momentum=0.0,
@@ -235,6 +235,52 @@ def test_changed_spec_restarts_instead_of_resuming(stores, tmp_path):
     assert_same_weights(
         load(tmp_path / "B" / "last.pt")["model"], load(tmp_path / "A" / "last.pt")["model"]
     )
+
+
+def test_changed_data_restarts_instead_of_resuming(stores, tmp_path, small_mask, capsys):
+    """A finished last.pt of the same spec and seed is not reused on other data: the run
+    equals a clean run on the new data, and the log and train.json say why."""
+    other = {}
+    for split, seed, runs in [("train", 11, 7), ("val", 12, 2)]:  # one more train run
+        other[split] = simulate_split(
+            small_mask,
+            PARAMS,
+            seed,
+            runs,
+            tmp_path / f"{split}.zarr",
+            split=split,
+            progress=False,
+        )
+    spec = cnn_spec(epochs=2)
+    run(spec, stores, tmp_path / "reused")
+    capsys.readouterr()
+    summary = run(spec, other, tmp_path / "reused")
+    log = capsys.readouterr().err
+    assert "not resuming" in log and "other data" in log and "runs: 6 -> 7" in log
+    assert "train.generator.runs: 6 -> 7" in summary["fresh_start_reason"]
+    assert summary["resumed_from_epoch"] is None
+    clean = run(spec, other, tmp_path / "clean")
+    assert without_time(read_history(tmp_path / "reused")) == without_time(
+        read_history(tmp_path / "clean")
+    )
+    assert summary["val_metrics"] == clean["val_metrics"]
+    assert_same_weights(
+        load(tmp_path / "reused" / "best.pt")["model"],
+        load(tmp_path / "clean" / "best.pt")["model"],
+    )
+
+
+def test_unreadable_last_checkpoint_is_reported_and_training_starts_over(stores, tmp_path, capsys):
+    spec = cnn_spec(epochs=2)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    summary = run(spec, stores, tmp_path)
+    log = capsys.readouterr().err
+    assert "not resuming" in log and "last.pt" in log and "training from scratch" in log
+    assert summary["epochs"] == 2 and summary["resumed_from_epoch"] is None
+    assert "last.pt" in summary["fresh_start_reason"]
+    resumed = run(cnn_spec(epochs=3), stores, tmp_path)  # another spec: starts over too
+    assert "another model spec (train.epochs: 2 -> 3)" in resumed["fresh_start_reason"]
 
 
 class Interrupted(Exception):

@@ -67,23 +67,33 @@ def test_tiny_config_trains_and_evaluates_every_model(built):
         assert expected <= {p.name for p in folder.iterdir()}
         metrics = json.loads((results / "metrics" / model / "seed0.json").read_text())
         assert metrics["model"] == model and metrics["seed"] == 0
-        assert 0 <= metrics["metrics"]["prcntclose1.0"] <= 100
+        assert metrics["device"] == "cpu" and metrics["precision"] == "fp32"
         assert (metrics["routing"] is not None) == (model == "smoe")
+    # persistence's score, computed here straight from the test store with numpy
+    u = open_store(results / "data" / "heat" / "test.zarr")["u"].values
+    now, later = u[:, :-1], u[:, 1:]
+    close = np.abs(now - later) <= 1e-8 + 0.01 * np.abs(later)
+    persistence = json.loads((results / "metrics" / "persistence" / "seed0.json").read_text())
+    assert persistence["metrics"]["prcntclose1.0"] == pytest.approx(100 * close.mean(), abs=1e-9)
     train = json.loads((results / "models" / "smoe" / "seed0" / "train.json").read_text())
     assert train["epochs"] == 2 and train["params"] == 3 * 9 + 3 * 16 * 16
 
 
-def test_training_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo, tmp_path):
+def test_training_and_evaluation_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo, tmp_path):
     config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
     for device, expected in (("cuda", "gpu=1"), ("auto", "gpu=0")):
         config["train"]["device"] = device
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-        result = snakemake(repo, tmp_path, "-n", configfile=tmp_path / "c.yaml")
+        result = snakemake(repo, tmp_path, "-n", "-p", configfile=tmp_path / "c.yaml")
         assert result.returncode == 0, result.stderr[-2000:]
         out = result.stdout + result.stderr
-        resources = re.findall(r"rule train:.*?resources: ([^\n]*)", out, re.S)
-        assert len(resources) == 3
-        assert all(expected in line for line in resources), resources
+        for rule in ("train", "evaluate"):
+            resources = re.findall(rf"rule {rule}:.*?resources: ([^\n]*)", out, re.S)
+            assert len(resources) == 3, rule
+            assert all(expected in line for line in resources), (rule, resources)
+        evaluations = re.findall(r"smoe evaluate [^\n]*", out)
+        assert len(evaluations) == 3
+        assert all(f"--device {device}" in line for line in evaluations), evaluations
 
 
 def test_tables_figures_and_html_report(repo, built):

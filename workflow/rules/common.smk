@@ -134,9 +134,14 @@ def train_threads(wildcards):
 
 
 def train_gpus(wildcards):
-    """GPUs a training job asks for: only when its config sends it to CUDA."""
+    """GPUs a training or evaluation job asks for: only when its config sends it to CUDA."""
     train = model_spec(config, wildcards.model).train
     return train["gpus"] if train["device"] == "cuda" else 0
+
+
+def evaluate_device(wildcards):
+    """Evaluation runs where training ran (train.device: auto, cpu or cuda)."""
+    return model_spec(config, wildcards.model).train["device"]
 
 
 def train_mem_mb(wildcards):

@@ -39,8 +39,11 @@ rule evaluate:
         SMOE_ENV
     threads: 1
     resources:
+        gpu=train_gpus,
         mem_mb=4000,
         runtime=30,
+    params:
+        device=evaluate_device,
     shell:
-        "smoe evaluate --checkpoint {input.best} --store {input.test} "
+        "smoe evaluate --checkpoint {input.best} --store {input.test} --device {params.device} "
         "--out {output.metrics} --predictions {output.predictions} > {log} 2>&1"
