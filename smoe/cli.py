@@ -241,6 +241,61 @@ def _run_train(args: argparse.Namespace) -> None:
     )
 
 
+def _add_tune_lr(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune-lr",
+        help="choose a model's learning rate on the validation split",
+        description="Train a model from a workflow config once per candidate learning rate "
+        "(same seed), each in its own folder under <OUT without .csv>.runs/, and write a CSV "
+        "of each rate's best validation value of the config's selection metric "
+        "(train.select) and its epoch. Prints the winning rate. The test split is never used; "
+        "a rate whose loss becomes non-finite is marked diverged and cannot win. Rerunning "
+        "the same command resumes unfinished trainings.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="workflow config file")
+    p.add_argument("--model", required=True, help="model name under 'models' in --config")
+    p.add_argument("--lrs", type=float, nargs="+", required=True, help="candidate learning rates")
+    p.add_argument("--seed", type=int, required=True, help="training seed (same for every rate)")
+    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
+    p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
+    p.add_argument("--out", type=Path, required=True, help="CSV of rate -> validation value")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per training (default: the model's train.epochs in --config)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_tune_lr)
+
+
+def _run_tune_lr(args: argparse.Namespace) -> None:
+    from smoe.config import load_config, model_spec
+    from smoe.train.tune import tune_lr
+
+    spec = model_spec(load_config(args.config), args.model)
+    result = tune_lr(
+        spec,
+        args.lrs,
+        args.train_store,
+        args.val_store,
+        args.seed,
+        args.out,
+        epochs=args.epochs,
+        progress=args.progress,
+    )
+    for trial in result.trials:
+        value = (
+            f"{trial.best_value:.6g} at epoch {trial.best_epoch}" if trial.finished else "diverged"
+        )
+        print(f"lr {trial.lr:g}: val {trial.metric} = {value}")
+    best = result.best
+    print(
+        f"best lr for {spec.name}: {best.lr:g} (val {best.metric} = {best.best_value:.6g} at "
+        f"epoch {best.best_epoch}, {result.mode}); wrote {result.csv}"
+    )
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -406,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_simulate,
         _add_export,
         _add_train,
+        _add_tune_lr,
         _add_evaluate,
         _add_aggregate,
         _add_figure,
