@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import threading
-import warnings
 from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from zarr.storage import LocalStore, WrapperStore
 
 from smoe import __version__
 from smoe.atomic import atomic_directory, atomic_file
@@ -269,6 +269,31 @@ def run_dask(work, scheduler: str, workers: int, progress: bool, description: st
         dask.compute(work, scheduler=scheduler, num_workers=workers)
 
 
+# Snakemake marks a finished directory output with this empty file at its top level. Inside
+# a store it is no part of the zarr hierarchy, and zarr would warn about it on every open.
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+
+
+class WorkflowStore(WrapperStore):
+    """A store as the workflow leaves it: Snakemake's timestamp file is left out of its
+    listings, and nothing else (zarr still reports any other foreign file)."""
+
+    async def list(self):
+        async for key in self._store.list():
+            if key != SNAKEMAKE_TIMESTAMP:
+                yield key
+
+    async def list_prefix(self, prefix: str):
+        async for key in self._store.list_prefix(prefix):
+            if key != SNAKEMAKE_TIMESTAMP:
+                yield key
+
+    async def list_dir(self, prefix: str):
+        async for key in self._store.list_dir(prefix):
+            if prefix or key != SNAKEMAKE_TIMESTAMP:
+                yield key
+
+
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a finished store lazily, with a clear error when it is missing or unfinished."""
     path = Path(path)
@@ -281,10 +306,8 @@ def open_store(path: str | Path) -> xr.Dataset:
         )
         raise InputError(f"store {str(path)!r} does not exist{hint}")
     try:
-        with warnings.catch_warnings():
-            # Snakemake drops a timestamp file into directory outputs; zarr warns about it.
-            warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
-            return xr.open_zarr(path, consolidated=False)
+        store = WorkflowStore(LocalStore(path, read_only=True))
+        return xr.open_zarr(store, consolidated=False)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise InputError(f"store {str(path)!r} is not a readable zarr store: {exc}") from exc
 

@@ -1,9 +1,11 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +133,24 @@ def test_missing_or_unfinished_store_is_named(tmp_path):
     (tmp_path / "test.zarr.partial").mkdir()
     with pytest.raises(InputError, match="unfinished .partial"):
         open_store(tmp_path / "test.zarr")
+
+
+def test_snakemakes_timestamp_file_is_ignored_and_nothing_else(tmp_path, store):
+    # Snakemake leaves `.snakemake_timestamp` in every directory output it finishes.
+    marked = tmp_path / "marked.zarr"
+    shutil.copytree(store, marked)
+    (marked / ".snakemake_timestamp").touch()
+    with pytest.warns(UserWarning, match="snakemake_timestamp"):
+        xr.open_zarr(marked, consolidated=False)  # zarr on its own warns about it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = open_store(marked)
+        np.testing.assert_array_equal(ds["u"].values, open_store(store)["u"].values)
+    assert [str(w.message) for w in caught] == []
+    # Any other foreign file is still reported: only Snakemake's marker is known to be harmless.
+    (marked / "notes.txt").write_text("not zarr")
+    with pytest.warns(UserWarning, match="notes.txt"):
+        open_store(marked)
 
 
 def _simulate_command(mask_path, out, runs):

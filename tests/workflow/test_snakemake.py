@@ -57,6 +57,21 @@ def test_tiny_config_builds_mask_stores_and_netcdf(built, paper_mask):
     assert not list(data.glob("heat/*.partial"))
 
 
+def test_workflow_stores_open_without_a_warning(built):
+    import warnings
+
+    results = built / "results" / "test"
+    for split in ("train", "val", "test"):
+        store = results / "data" / "heat" / f"{split}.zarr"
+        assert (store / ".snakemake_timestamp").exists()  # Snakemake's mark of a finished dir
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            open_store(store).load()
+        assert [str(w.message) for w in caught] == [], split
+    logs = [p.read_text() for p in (results / "logs").rglob("*.log")]
+    assert logs and not [log for log in logs if "snakemake_timestamp" in log]
+
+
 def test_tiny_config_trains_and_evaluates_every_model(built):
     results = built / "results" / "test"
     for model in ("persistence", "cnn", "smoe"):
