@@ -160,7 +160,14 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> None:
                     f"experts={experts} (K <= E)"
                 )
         _validate_section(deep_merge(config["train"], model["train"]), train_schema, f"{key}.train")
-        _validate_section(deep_merge(config["data"], model["data"]), data_schema, f"{key}.data")
+        data = deep_merge(config["data"], model["data"])
+        _validate_section(data, data_schema, f"{key}.data")
+        if model["kind"] in ("stencil", "generator") and data["normalization"] != "none":
+            raise InputError(
+                f"config key '{key}.data.normalization': the analytic {model['kind']} predictor "
+                f"works on the field itself; it needs normalization 'none', not "
+                f"{data['normalization']!r}"
+            )
     for name in config["run"] or []:
         if name not in models:
             raise InputError(

@@ -142,6 +142,7 @@ class HeatPairs(Dataset):
         self._mask = torch.from_numpy(np.asarray(ds["mask"].values, dtype=np.int64))
         self._diffusivity = tuple(float(a) for a in ds["diffusivity"].values)
         self._provenance = store_provenance(ds)
+        self._boundary = str(ds.attrs.get("boundary", "zero"))
         types = max(len(self._diffusivity), int(self._mask.max()) + 1)
         self._mask_plane = (self._mask.float() / max(types - 1, 1)).unsqueeze(0)
         field_bytes = self._runs * self._frames * self._height * self._width * 4
@@ -243,6 +244,11 @@ class HeatPairs(Dataset):
     def provenance(self) -> dict[str, Any]:
         """How the store was made (:func:`smoe.data.provenance.store_provenance`)."""
         return self._provenance
+
+    @property
+    def boundary(self) -> str:
+        """The simulation's boundary condition (``zero`` or ``wrap``)."""
+        return self._boundary
 
     @property
     def mask(self) -> torch.Tensor:

@@ -4,7 +4,20 @@ The Snakefile checks a config's model kinds and gates at parse time; importing t
 would slow every `snakemake` call. Tests keep these lists equal to the real registries.
 """
 
-MODEL_KINDS = ("condconv", "cnn", "convlcn", "coordconv", "lcn", "mlp", "persistence", "smoe")
+MODEL_KINDS = (
+    "condconv",
+    "cnn",
+    "convlcn",
+    "coordconv",
+    "generator",
+    "lcn",
+    "mlp",
+    "persistence",
+    "smoe",
+    "stencil",
+)
+ANALYTIC_KINDS = ("persistence", "stencil", "generator")
+"""Kinds that learn nothing: their rows are references, not results of training."""
 GATE_NAMES = (
     "latent",
     "conv",

@@ -15,19 +15,30 @@ import torch
 from torch import nn
 
 from smoe.errors import InputError
+from smoe.models.analytic import GeneratorPredictor, StencilPredictor
 from smoe.models.baselines import BASELINES
 from smoe.models.smoe import SMoENet
 
-MODELS: dict[str, Callable[..., nn.Module]] = {**BASELINES, "smoe": SMoENet}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    **BASELINES,
+    "smoe": SMoENet,
+    "stencil": StencilPredictor,
+    "generator": GeneratorPredictor,
+}
 """Model kinds: constructors taking (in_channels, height, width, **options)."""
+
+DATA_ARGUMENTS = ("mask", "region_diffusivity", "boundary")
+"""What a constructor may take from the data rather than the config, by parameter name."""
 
 
 def model_kinds() -> list[str]:
     return sorted(MODELS)
 
 
-def _takes_mask(builder: Callable[..., nn.Module]) -> bool:
-    return "mask" in inspect.signature(builder).parameters
+def _data_arguments(builder: Callable[..., nn.Module], data: dict[str, Any]) -> dict[str, Any]:
+    """The data facts (region map, diffusivities, boundary) this constructor asks for."""
+    wanted = inspect.signature(builder).parameters
+    return {name: data[name] for name in DATA_ARGUMENTS if name in wanted and name in data}
 
 
 def build_model(
@@ -38,13 +49,17 @@ def build_model(
     width: int,
     mask: torch.Tensor | None = None,
     name: str | None = None,
+    region_diffusivity: tuple[float, ...] = (),
+    boundary: str = "zero",
 ) -> nn.Module:
-    """Construct a model by kind; ``mask`` (the region map) reaches kinds that can use it."""
+    """Construct a model by kind; the data's region map, diffusivities and boundary reach the
+    kinds that take them (the oracle gate, the analytic predictors)."""
     label = f"model {name!r} (kind {kind!r})" if name else f"model kind {kind!r}"
     if kind not in MODELS:
         raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(model_kinds())}")
     builder = MODELS[kind]
-    extra = {"mask": mask} if _takes_mask(builder) else {}
+    data = {"mask": mask, "region_diffusivity": tuple(region_diffusivity), "boundary": boundary}
+    extra = _data_arguments(builder, data)
     try:
         return builder(in_channels, height, width, **extra, **options)
     except InputError as exc:

@@ -4,12 +4,14 @@ Reads the metrics JSON of each model and seed (``smoe evaluate``) and writes, in
 
 * ``metrics_long.csv``: one row per model, seed and metric (the raw material);
 * ``summary.csv``: one row per model: seeds, and mean and std of every metric, overall and per
-  region type, with the parameter count, training time and (SMoE) routing figures; published
-  reference figures as extra rows marked ``published``;
+  region type, with the parameter count, training time and (SMoE) routing figures;
 * ``summary.md``: the headline table and a per-region table, for humans and the report.
 
-Published figures come from ``references.yaml`` and are shown only when the evaluated test
-split is the one they were measured on.
+Every row says where it comes from (``source``): ``ours`` for trained models, ``reference``
+for the analytic predictors (persistence, a single stencil, the true generator), which are
+evaluated here like any model, and ``published`` for figures taken from a paper. Published
+rows come from ``references.yaml``, each with the citation a reader can follow, and are
+shown only when the evaluated test split is the one they were measured on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import yaml
 
 from smoe.atomic import write_text_atomic
 from smoe.errors import InputError
+from smoe.models.names import ANALYTIC_KINDS
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 HEADLINE = [
@@ -93,8 +96,20 @@ def summary_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     seeds = long.groupby("model", sort=False)["seed"].nunique().reindex(order)
     kinds = long.groupby("model", sort=False)["kind"].first().reindex(order)
     table = pd.concat([kinds.rename("kind"), seeds.rename("seeds"), stats], axis=1)
-    table.insert(0, "source", "ours")
+    table.insert(0, "source", ["reference" if k in ANALYTIC_KINDS else "ours" for k in kinds])
     return table.rename_axis("model").reset_index()
+
+
+def load_references(path: Path = REFERENCES) -> dict[str, Any]:
+    """The published-figures file, each row checked for a citation and at least one number."""
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    for index, row in enumerate(spec.get("rows") or []):
+        where = f"{path}: rows[{index}]"
+        if not str(row.get("citation", "")).strip():
+            raise InputError(f"{where} ({row.get('label')!r}) has no citation")
+        if not row.get("metrics"):
+            raise InputError(f"{where} ({row.get('label')!r}) has no published metrics")
+    return spec
 
 
 def applicable_references(store: str | Path, path: Path = REFERENCES) -> list[dict[str, Any]]:
@@ -102,7 +117,9 @@ def applicable_references(store: str | Path, path: Path = REFERENCES) -> list[di
     from smoe.data.mask import generate_mask
     from smoe.data.store import open_store
 
-    spec = yaml.safe_load(path.read_text())
+    spec = load_references(path)
+    if not spec.get("rows"):
+        return []
     want = spec["applies_to"]
     try:
         ds = open_store(store)
@@ -130,6 +147,7 @@ def reference_rows(references: list[dict[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {
             "model": ref["label"],
             "source": "published",
+            "citation": ref["citation"],
             "kind": "",
             "seeds": np.nan,
         }
@@ -152,6 +170,12 @@ def _cell(row: pd.Series, metric: str, fmt: str, spread: bool = True) -> str:
     return text
 
 
+def _label(row: pd.Series) -> str:
+    """The model's name, marked when the row is not one of our trained models."""
+    source = row.get("source", "ours")
+    return str(row["model"]) + ("" if source == "ours" else f" *({source})*")
+
+
 def markdown(summary: pd.DataFrame, references: list[dict[str, Any]], types: int) -> str:
     """The headline table (with published rows) and the per-region table."""
     head = ["model", "seeds", "params"] + [title for _, title, _ in HEADLINE]
@@ -159,20 +183,26 @@ def markdown(summary: pd.DataFrame, references: list[dict[str, Any]], types: int
     for _, row in summary.iterrows():
         seeds = "" if pd.isna(row.get("seeds")) else str(int(row["seeds"]))
         params = _cell(row, "params", "{:,.0f}", spread=False)
-        cells = [str(row["model"]), seeds, params]
+        cells = [_label(row), seeds, params]
         cells += [_cell(row, metric, fmt) for metric, _, fmt in HEADLINE]
         lines.append("| " + " | ".join(cells) + " |")
     text = ["## Test metrics (mean ± std over seeds)", "", *lines, ""]
+    if (summary["source"] == "reference").any():
+        text += [
+            "Rows marked *(reference)* are analytic predictors evaluated here on the same "
+            "test split (nothing learned): persistence, a single stencil, the true generator.",
+            "",
+        ]
     if references:
-        text += ["Rows marked *(published)* are reference figures, not our runs:", ""]
-        text += [f"- {ref['label']}: {ref['source']}" for ref in references]
+        text += ["Rows marked *(published)* are figures from papers, not our runs:", ""]
+        text += [f"- {ref['label']}: {ref['citation']}" for ref in references]
         text.append("")
     region_head = ["model"] + [
         f"type {t} {metric}" for t in range(types) for metric, _ in PER_REGION
     ]
     region_lines = ["| " + " | ".join(region_head) + " |", "|" + "---|" * len(region_head)]
-    for _, row in summary[summary["source"] == "ours"].iterrows():
-        cells = [str(row["model"])] + [
+    for _, row in summary[summary["source"] != "published"].iterrows():
+        cells = [_label(row)] + [
             _cell(row, f"mask{t}-{metric}", fmt) for t in range(types) for metric, fmt in PER_REGION
         ]
         region_lines.append("| " + " | ".join(cells) + " |")
@@ -180,13 +210,17 @@ def markdown(summary: pd.DataFrame, references: list[dict[str, Any]], types: int
     return "\n".join(text)
 
 
-def aggregate(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
+def aggregate(
+    paths: Iterable[str | Path], out_dir: str | Path, references_path: Path = REFERENCES
+) -> dict[str, Path]:
     """Write metrics_long.csv, summary.csv and summary.md into ``out_dir``."""
     results = load_results(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stores = {r["store"] for r in results}
-    references = applicable_references(next(iter(stores))) if len(stores) == 1 else []
+    references = (
+        applicable_references(next(iter(stores)), references_path) if len(stores) == 1 else []
+    )
     ours = summary_table(results)
     summary = (
         pd.concat([ours, reference_rows(references)], ignore_index=True) if references else ours

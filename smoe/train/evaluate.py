@@ -149,6 +149,8 @@ def evaluate_checkpoint(
         info["width"],
         mask=info["mask"],
         name=spec.name,
+        region_diffusivity=tuple(info["diffusivity"]),
+        boundary=info.get("boundary", "zero"),
     )
     model.load_state_dict(saved["model"])
     model.to(torch_device)

@@ -182,6 +182,8 @@ class Trainer:
             self.train_set.width,
             mask=self.train_set.mask,
             name=spec.name,
+            region_diffusivity=self.train_set.diffusivity,
+            boundary=self.train_set.boundary,
         ).to(self.device)
         check_in_channels(self.model, self.train_set, spec.name)
         self.smoe_layers = smoe_layers(self.model)
@@ -220,6 +222,7 @@ class Trainer:
             "width": self.train_set.width,
             "mask": self.train_set.mask.clone(),
             "diffusivity": list(self.train_set.diffusivity),
+            "boundary": self.train_set.boundary,
             "train_store": str(self.train_set.store_path),
         }
 
@@ -461,19 +464,30 @@ class Trainer:
         return ""
 
     def _finish_without_training(self, metric_name: str) -> dict[str, Any]:
-        """A model without parameters (persistence) is only validated once."""
+        """A model without parameters (persistence, an analytic predictor) is only validated;
+        one with candidate settings (the best single stencil) keeps the best on validation."""
         s = self.state
-        metrics = self._validate()
-        s.best_metric, s.best_epoch, s.best_metrics = (
-            selected_value(metrics, metric_name),
-            0,
-            metrics,
-        )
-        s.best_model = copy.deepcopy(self.model.state_dict())
-        s.history.append(
-            {"epoch": 0, **{f"val_{k}": v for k, v in metrics.items() if "-" not in k}}
-        )
-        s.epoch, s.stop_reason = 1, "no trainable parameters"
+        mode = self.settings["select"]["mode"]
+        candidates = getattr(self.model, "candidates", lambda: ())()
+        for index, candidate in enumerate(candidates or [None]):
+            if candidate is not None:
+                self.model.choose(candidate)
+            metrics = self._validate()
+            value = selected_value(metrics, metric_name)
+            s.history.append(
+                {
+                    "epoch": index,
+                    **({"candidate": candidate} if candidate is not None else {}),
+                    **{f"val_{k}": v for k, v in metrics.items() if "-" not in k},
+                }
+            )
+            if is_better(value, s.best_metric, mode):
+                s.best_metric, s.best_epoch, s.best_metrics = value, index, metrics
+                s.best_model = copy.deepcopy(self.model.state_dict())
+        s.epoch, s.stop_reason = len(s.history), "no trainable parameters"
+        if candidates:
+            chosen = s.history[s.best_epoch]["candidate"]
+            s.stop_reason += f"; chose {chosen} of {list(candidates)} on validation"
         self._save_best()
         return self._write_summary(metric_name)
 

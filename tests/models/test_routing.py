@@ -221,21 +221,25 @@ def test_bad_routing_options(options, message):
         options.validate()
 
 
-def _scaled_step(scale, use_scaler=False):
+def _scaled_step(scale, use_scaler=False, device="cpu"):
     """One training step of the paper's heat SMoE (RC loss, damping) with the loss multiplied
-    by ``scale`` before backward; returns the unscaled gradients and the routing stats."""
+    by ``scale`` before backward; returns the unscaled gradients and the routing stats. On
+    CUDA the forward runs under fp16 autocast, as the paper's runs did."""
     from smoe.models.smoe import SMoENet, set_loss_scale
 
     torch.manual_seed(0)
     model = SMoENet(
         1, 12, 10, gate="latent", experts=3, k=1, rc_loss=True, damping=True, quantile=0.3
-    )
+    ).to(device)
     x = torch.rand(4, 1, 12, 10, generator=torch.Generator().manual_seed(1))
     y = x + 0.01 * torch.rand(4, 1, 12, 10, generator=torch.Generator().manual_seed(2))
+    x, y = x.to(device), y.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if use_scaler else None
+    scaler = torch.amp.GradScaler(device, init_scale=scale) if use_scaler else None
     set_loss_scale(model, scaler if use_scaler else scale)
-    loss = F.mse_loss(model(x), y)
+    with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+        pred = model(x)
+    loss = F.mse_loss(pred.float(), y)
     if use_scaler:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -249,13 +253,19 @@ def _scaled_step(scale, use_scaler=False):
     return model.final.last_selection.clone(), grads, stats
 
 
-@pytest.mark.parametrize("use_scaler", [False, True])
-def test_a_loss_scale_changes_no_selection_damping_or_gradient(use_scaler):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    "use_scaler, device",
+    [(False, "cpu"), (True, "cpu"), pytest.param(True, "cuda", marks=CUDA)],
+)
+def test_a_loss_scale_changes_no_selection_damping_or_gradient(use_scaler, device):
     """fp16 training multiplies the loss by S (2**16 by default); the routing must see the
     true gradient: the same damped points, the same RC labels and loss, the same gate and
     expert gradients as with S = 1 (powers of two scale float32 exactly)."""
-    idx1, grads1, stats1 = _scaled_step(1.0)
-    idx_s, grads_s, stats_s = _scaled_step(2.0**16, use_scaler)
+    idx1, grads1, stats1 = _scaled_step(1.0, device=device)
+    idx_s, grads_s, stats_s = _scaled_step(2.0**16, use_scaler, device)
     assert torch.equal(idx1, idx_s)
     assert stats1 == stats_s and 0 < stats1["misrouted_fraction"] < 1
     assert stats1["routing_classification"] > 0

@@ -5,12 +5,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from smoe.data.heat import HeatParams
 from smoe.data.mask import generate_mask
 from smoe.data.store import simulate_split
 from smoe.errors import InputError
-from smoe.report.aggregate import aggregate, applicable_references, summary_table
+from smoe.report.aggregate import (
+    REFERENCES,
+    aggregate,
+    applicable_references,
+    load_references,
+    summary_table,
+)
 
 
 def result(model, seed, close, mse, store="test.zarr", routing=None, params=10, time=2.0):
@@ -93,15 +100,59 @@ def test_bad_metrics_files_are_named(tmp_path):
         aggregate([tmp_path / "bad.json"], tmp_path / "out")
 
 
+def test_analytic_predictors_are_reference_rows_and_nothing_is_called_published(tmp_path):
+    rows = [result("cnn", 0, 80.0, 1e-4), result("generator", 0, 100.0, 1e-14)]
+    rows[1]["kind"] = "generator"
+    text = aggregate(write(tmp_path, rows), tmp_path / "tables")["markdown"].read_text()
+    assert "| generator *(reference)* | 1 | 10 | 100.00 |" in text
+    assert "| cnn | 1 | 10 | 80.00 |" in text
+    assert "analytic predictors evaluated here" in text and "published" not in text
+    summary = pd.read_csv(tmp_path / "tables" / "summary.csv")
+    assert list(summary["source"]) == ["ours", "reference"]
+
+
+CITED = {
+    "label": "SMoE (paper)",
+    "citation": "N. Dryden, T. Hoefler. Spatial Mixture-of-Experts. NeurIPS 2022, Table 1",
+    "metrics": {"prcntclose1.0": 99.5},
+}
+
+
+def references_file(tmp_path, rows):
+    spec = yaml.safe_load(REFERENCES.read_text())
+    spec["rows"] = rows
+    path = tmp_path / "references.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_shipped_references_hold_only_cited_published_numbers():
+    spec = load_references()
+    assert all(row["citation"] and row["metrics"] for row in spec["rows"])
+    assert not any("persistence" in row["label"] for row in spec["rows"])
+
+
+def test_a_published_row_needs_a_citation_and_numbers(tmp_path):
+    uncited = references_file(tmp_path, [{k: v for k, v in CITED.items() if k != "citation"}])
+    with pytest.raises(InputError, match=r"rows\[0\] \('SMoE \(paper\)'\) has no citation"):
+        load_references(uncited)
+    empty = references_file(tmp_path, [{**CITED, "metrics": {}}])
+    with pytest.raises(InputError, match="has no published metrics"):
+        load_references(empty)
+
+
 @pytest.mark.slow
 def test_published_figures_only_for_the_papers_test_split(tmp_path):
     mask = generate_mask(64, 64, 3, seed=42)
     params = HeatParams((0.0025, 0.025, 0.25), steps=100)
     paper = simulate_split(mask, params, 865124, 20, tmp_path / "test.zarr", progress=False)
     other = simulate_split(mask, params, 1, 20, tmp_path / "other.zarr", progress=False)
-    labels = [row["label"] for row in applicable_references(paper)]
-    assert "persistence (published)" in labels
-    assert applicable_references(other) == []
-    paths = write(tmp_path, [result("persistence", 0, 87.71, 1e-5, store=str(paper))])
-    text = aggregate(paths, tmp_path / "tables")["markdown"].read_text()
-    assert "| persistence (published) |  |  | 87.71 | 41.84 |" in text
+    path = references_file(tmp_path, [CITED])
+    assert [row["label"] for row in applicable_references(paper, path)] == ["SMoE (paper)"]
+    assert applicable_references(other, path) == []
+    paths = write(tmp_path, [result("smoe", 0, 100.0, 1e-12, store=str(paper))])
+    text = aggregate(paths, tmp_path / "tables", path)["markdown"].read_text()
+    assert "| SMoE (paper) *(published)* |  |  | 99.50 |" in text
+    assert f"- SMoE (paper): {CITED['citation']}" in text
+    summary = pd.read_csv(tmp_path / "tables" / "summary.csv")
+    assert summary.set_index("model").loc["SMoE (paper)", "citation"] == CITED["citation"]

@@ -57,6 +57,10 @@ def test_tiny_config_builds_mask_stores_and_netcdf(built, paper_mask):
     assert not list(data.glob("heat/*.partial"))
 
 
+MODELS = ("persistence", "stencil", "generator", "cnn", "smoe")
+REFERENCE = ("persistence", "stencil", "generator")
+
+
 def test_workflow_stores_open_without_a_warning(built):
     import warnings
 
@@ -74,10 +78,10 @@ def test_workflow_stores_open_without_a_warning(built):
 
 def test_tiny_config_trains_and_evaluates_every_model(built):
     results = built / "results" / "test"
-    for model in ("persistence", "cnn", "smoe"):
+    for model in MODELS:
         folder = results / "models" / model / "seed0"
         expected = {"best.pt", "history.csv", "train.json"}
-        if model != "persistence":  # nothing to resume for a model without parameters
+        if model not in REFERENCE:  # nothing to resume for a model without parameters
             expected.add("last.pt")
         assert expected <= {p.name for p in folder.iterdir()}
         metrics = json.loads((results / "metrics" / model / "seed0.json").read_text())
@@ -104,18 +108,21 @@ def test_training_and_evaluation_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo,
         out = result.stdout + result.stderr
         for rule in ("train", "evaluate"):
             resources = re.findall(rf"rule {rule}:.*?resources: ([^\n]*)", out, re.S)
-            assert len(resources) == 3, rule
+            assert len(resources) == len(MODELS), rule
             assert all(expected in line for line in resources), (rule, resources)
         evaluations = re.findall(r"smoe evaluate [^\n]*", out)
-        assert len(evaluations) == 3
+        assert len(evaluations) == len(MODELS)
         assert all(f"--device {device}" in line for line in evaluations), evaluations
 
 
 def test_tables_figures_and_html_report(repo, built):
     results = built / "results" / "test"
     summary = (results / "tables" / "summary.md").read_text()
-    for model in ("persistence", "cnn", "smoe"):
-        assert f"| {model} | 1 |" in summary
+    for model in MODELS:
+        label = f"{model} *(reference)*" if model in REFERENCE else model
+        assert f"| {label} | 1 |" in summary
+    assert "| generator *(reference)* | 1 | 0 | 100.00 | 100.00 |" in summary
+    assert "published" not in summary  # nothing on the tiny config was published
     for name in ("predictions", "learning_curves", "metric_bars", "routing", "kernels"):
         for suffix in (".png", ".svg"):
             assert (results / "figures" / f"{name}{suffix}").stat().st_size > 1000, name
@@ -156,6 +163,31 @@ def test_a_figure_target_builds_only_what_it_needs(repo, tmp_path):
     out = result.stdout + result.stderr
     assert re.findall(r"rule train:.*?wildcards: model=([\w-]+)", out, re.S) == ["smoe"]
     assert "rule figure_predictions:" not in out and "rule aggregate:" not in out
+
+
+def test_changed_data_retrains_from_scratch_like_a_clean_run(repo, built, tmp_path):
+    """Editing heat.diffusivity re-simulates the data; the retrained models must not resume
+    their finished checkpoints from the old data: metrics equal a clean run's."""
+    reused = tmp_path / "reused"
+    shutil.copytree(built, reused, symlinks=True)
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    config["heat"]["diffusivity"] = [0.005, 0.05, 0.2]
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(config))
+    targets = [f"results/test/metrics/{model}/seed0.json" for model in ("cnn", "smoe")]
+    result = snakemake(repo, reused, *targets, configfile=tmp_path / "changed.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (reused / "results" / "test" / "logs" / "train" / "cnn_seed0.log").read_text()
+    assert "not resuming" in log and "other data" in log and "diffusivity" in log
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    result = snakemake(repo, clean, *targets, configfile=tmp_path / "changed.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for target in targets:
+        ours, fresh = (json.loads((root / target).read_text()) for root in (reused, clean))
+        assert ours["metrics"] == fresh["metrics"], target
+        assert ours["routing"] == fresh["routing"], target
+        old = json.loads((built / target).read_text())
+        assert ours["metrics"] != old["metrics"], target
 
 
 def test_second_run_has_nothing_to_do(repo, built):
@@ -225,7 +257,7 @@ def test_paper_config_plans_the_full_data_stage(repo, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert re.search(r"simulate\s+3\n", out) and re.search(r"mask\s+1\n", out)
-    assert re.search(r"train\s+27\n", out) and re.search(r"evaluate\s+27\n", out)
+    assert re.search(r"train\s+33\n", out) and re.search(r"evaluate\s+33\n", out)
     assert re.search(r"aggregate\s+1\n", out) and re.search(r"figure_routing\s+1\n", out)
 
 
