@@ -4,10 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from smoe.data.mask import generate_mask
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests' tensors are tiny: one intra-op thread is fastest, and on a busy 2-core machine
+# several threads per process make a 1-second training test take a minute.
+torch.set_num_threads(1)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

@@ -29,3 +29,22 @@ def test_dev_install_pins_the_cpu_torch_but_the_package_does_not(repo):
     assert (repo / ".ci" / "constraints.txt").read_text().split() == ["torch==2.13.0"]
     pyproject = (repo / "pyproject.toml").read_text()
     assert re.search(r'"torch>=[\d.]+"', pyproject) and "torch==" not in pyproject
+
+
+def test_the_readme_smoe_layer_example_trains_outside_the_workflow(repo, capsys):
+    """The README's example of the public layer, run as written: the SMoE learns both
+    stencils and routes every point to the right one inside a plain PyTorch loop."""
+    import torch
+
+    text = (repo / "README.md").read_text()
+    section = re.search(r"## The SMoE layer in your own network(.*?)\n## ", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is the fastest
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    mse, agreement = re.search(r"mse (\S+), routing agreement (\S+) %", printed).groups()
+    assert float(mse) < 1e-10 and float(agreement) == 100.0

@@ -141,7 +141,7 @@ def test_auxiliary_losses_follow_the_reference_formulas():
     layer = model.final
     torch.manual_seed(5)
     model(x)
-    losses = {name: float(value) for name, value in layer.aux_losses.items()}
+    losses = {name: float(value.detach()) for name, value in layer.aux_losses.items()}
     # the same forward again, by hand, with the same noise draw
     weights = torch.sigmoid(layer.gate(x, None)).detach().double()
     torch.manual_seed(5)
@@ -234,3 +234,46 @@ def test_smoe_with_oracle_gate_learns_the_three_stencils():
     for e, value in enumerate(diffusivity):
         stencil = torch.from_numpy(reference_stencil(value)).float()
         assert (kernels[e] - stencil).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("gate", ["conv", "conv1", "coordconv", "coordconv-multi", "linear", "lcn"])
+def test_gates_have_no_bias_unless_asked_as_in_the_reference(gate):
+    def biases(gate_options=None):
+        net = SMoENet(1, 8, 9, gate=gate, experts=3, k=1, gate_options=gate_options).final.gate
+        return [
+            name
+            for name, _ in net.named_parameters()
+            if name.endswith("bias") and not _is_batchnorm(net, name)
+        ]
+
+    assert biases() == []
+    assert biases({"bias": True})
+
+
+def _is_batchnorm(gate, parameter_name):
+    module = gate.get_submodule(parameter_name.rsplit(".", 1)[0])
+    return isinstance(module, torch.nn.BatchNorm2d)
+
+
+def test_coordconv_multi_gate_is_experts_wide_as_in_the_reference():
+    gate = SMoENet(1, 8, 9, gate="coordconv-multi", experts=4, k=1).final.gate
+    convs = [m for m in gate.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 4), (4, 4), (4, 4)]
+
+
+@pytest.mark.parametrize(
+    "expert_init, final_bound, hidden_bound",
+    [("reference", (3 / 9) ** 0.5, (6 / 9) ** 0.5), ("pytorch", 1 / 3, 1 / 3)],
+)
+def test_expert_initialisation_bounds(expert_init, final_bound, hidden_bound):
+    """The reference draws Kaiming-uniform with gain 1 for the final layer (bound 0.577 for
+    one 3x3 input channel) and the ReLU gain for hidden layers; PyTorch's own is 1/3."""
+    torch.manual_seed(0)
+    hidden = SMoENet(
+        1, 4, 4, hidden_layers=[{"experts": 300}], experts=3, k=1, expert_init=expert_init
+    )
+    final = SMoENet(1, 4, 4, experts=3000, k=1, expert_init=expert_init)
+    for layer, bound in ((hidden.layers[0], hidden_bound), (final.final, final_bound)):
+        weight = layer.experts.weight
+        assert weight.abs().max() <= bound
+        assert weight.abs().max() > 0.99 * bound  # thousands of draws reach the bound
