@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from smoe.data.provenance import store_provenance
+from smoe.data.provenance import store_inconsistencies, store_provenance
 from smoe.data.store import open_store
 from smoe.errors import InputError
 
@@ -141,6 +141,13 @@ class HeatPairs(Dataset):
         self._check_shape()
         self._mask = torch.from_numpy(np.asarray(ds["mask"].values, dtype=np.int64))
         self._diffusivity = tuple(float(a) for a in ds["diffusivity"].values)
+        problems = store_inconsistencies(ds)
+        if problems:
+            raise InputError(
+                f"store {str(self._path)!r} cannot be used: {'; '.join(problems)}. It was "
+                f"changed after it was written: regenerate it (remove it and rerun snakemake, "
+                f"or smoe simulate)"
+            )
         self._provenance = store_provenance(ds)
         self._boundary = str(ds.attrs.get("boundary", "zero"))
         types = max(len(self._diffusivity), int(self._mask.max()) + 1)

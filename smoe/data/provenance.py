@@ -29,6 +29,33 @@ def store_provenance(ds: xr.Dataset) -> dict[str, Any]:
     }
 
 
+def store_inconsistencies(ds: xr.Dataset) -> list[str]:
+    """Where an open store disagrees with its own record of how it was made.
+
+    The generator parameters in ``generator_json`` are written with the data; a diffusivity
+    variable, a region map or a field shape that no longer matches them means the store was
+    edited or assembled after it was written, and nothing computed from it can be trusted.
+    """
+    problems = []
+    generator = ds.attrs.get("generator_json")
+    if not isinstance(generator, str):
+        return ["it has no generator record (attribute generator_json)"]
+    record = json.loads(generator)
+    held = [float(a) for a in ds["diffusivity"].values]
+    recorded = [float(a) for a in record.get("diffusivity", [])]
+    if held != recorded:
+        problems.append(f"its diffusivity variable {held} differs from its record {recorded}")
+    runs, frames = int(ds["u"].shape[0]), int(ds["u"].shape[1])
+    if record.get("runs") is not None and runs != record["runs"]:
+        problems.append(f"it holds {runs} runs but records {record['runs']}")
+    if record.get("steps") is not None and frames != record["steps"] + 1:
+        problems.append(f"it holds {frames} frames per run but records {record['steps']} steps")
+    types = int(ds["mask"].max()) + 1 if ds["mask"].size else 0
+    if types > len(recorded):
+        problems.append(f"its region map has {types} types but it records {len(recorded)}")
+    return problems
+
+
 def array_digest(values: np.ndarray) -> str:
     """SHA-256 of an array's shape, dtype and bytes."""
     values = np.ascontiguousarray(values)

@@ -141,6 +141,16 @@ def evaluate_checkpoint(
             f"store {str(store)!r} has a different grid or region map than the model was "
             f"trained on ({info['train_store']})"
         )
+    for field, trained, tested in (
+        ("diffusivity", list(info["diffusivity"]), list(dataset.diffusivity)),
+        ("boundary", info.get("boundary", "zero"), dataset.boundary),
+    ):
+        if trained != tested:
+            raise InputError(
+                f"store {str(store)!r} has {field} {tested} but the model was trained on "
+                f"{field} {trained} ({info['train_store']}): test data from other physics "
+                f"would be scored against the wrong stencils"
+            )
     model = build_model(
         spec.kind,
         spec.options,
