@@ -301,3 +301,33 @@ def test_local_profile_runs_and_slurm_profile_names_the_executor(repo, tmp_path)
     slurm = yaml.safe_load((repo / "profiles" / "slurm" / "profile.yaml").read_text())
     assert slurm["executor"] == "slurm"
     assert {"mem_mb", "runtime", "slurm_partition"} <= set(slurm["default-resources"])
+
+
+def tree_state(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+def test_outputs_edited_after_they_were_written_are_refused_before_any_job(repo, built, tmp_path):
+    """A store whose variables were edited, or a region map replaced by another grid, looks
+    up to date to Snakemake; the workflow refuses to plan, naming file, field and the fix,
+    and changes nothing."""
+    import zarr
+
+    work = tmp_path / "work"
+    shutil.copytree(built, work, symlinks=True)
+    data = work / "results" / "test" / "data"
+    zarr.open_array(data / "heat" / "test.zarr" / "diffusivity", mode="r+")[2] = 0.2
+    before = tree_state(work / "results")
+    result = snakemake(repo, work, "-n")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "Traceback" not in out
+    assert "test.zarr: its diffusivity variable [0.0025, 0.025, 0.2] differs from its record" in out
+    assert "rm -r results/test/data/heat/test.zarr" in out
+    assert tree_state(work / "results") == before
+    shutil.rmtree(data / "heat" / "test.zarr")
+    np.save(data / "mask.npy", np.zeros((8, 8), dtype=np.int64))
+    result = snakemake(repo, work, "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "mask.npy is 8x8 but mask.height x mask.width is 16x16" in out

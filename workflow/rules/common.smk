@@ -14,6 +14,7 @@ sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 from smoe.config import SPLITS, Config, model_spec, models_to_run, validate_config
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
+from smoe.stale import stale_outputs
 
 try:
     _validated = validate_config(config)
@@ -22,6 +23,12 @@ except InputError as _error:
 config.clear()
 config.update(_validated)
 CFG = Config.from_dict(config)
+
+_stale = stale_outputs(config)
+if _stale:
+    raise WorkflowError(
+        "outputs on disk no longer match how they were made:\n  " + "\n  ".join(_stale)
+    )
 RESULTS = str(CFG.results)
 SMOE_ENV = "../../envs/smoe.yaml"
 
