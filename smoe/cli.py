@@ -1,18 +1,59 @@
 """The ``smoe`` command: one subcommand per workflow step, each runnable by hand.
 
-The CLI only parses options and calls one package function; bad input surfaces as a
-one-line ``error:`` message and exit status 2, before any output is touched.
+The CLI only parses options and calls one package function. Anything a user can get wrong
+(an option, an input file, an output path, a damaged store) ends in one line
+``smoe COMMAND: error: ...`` on stderr and exit status 2, never a traceback; outputs are
+checked before any work, and nothing that existed is changed. An unexpected failure (a bug)
+ends in one line asking for a report and exit status 1; ``SMOE_DEBUG=1`` shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smoe import __version__
-from smoe.errors import InputError
+from smoe.errors import InputError, describe_os_error, one_line
+
+MAX_TRAIN_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 32 bits
+MAX_DATA_SEED = 2**63 - 1  # stores record the seed as int64
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of ``smoe``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _integer(text: str, what: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {value}")
+    return value
+
+
+def _seed(high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _integer(text, "a seed", 0, high)
+
+    parse.__name__ = "seed"
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    return _integer(text, "the value", 0)
+
+
+def _positive(text: str) -> int:
+    return _integer(text, "the value", 1)
 
 
 def _add_mask(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +66,9 @@ def _add_mask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=64, help="rows (default 64)")
     p.add_argument("--width", type=int, default=64, help="columns (default 64)")
     p.add_argument("--types", type=int, default=3, help="region types T (default 3)")
-    p.add_argument("--seed", type=int, default=42, help="generator seed (default 42)")
+    p.add_argument(
+        "--seed", type=_seed(MAX_DATA_SEED), default=42, help="generator seed (default 42)"
+    )
     p.add_argument(
         "--from",
         dest="source",
@@ -77,7 +120,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="one diffusion number per region type, each in [0, 0.25]",
     )
     p.add_argument("--runs", type=int, required=True, help="number of runs")
-    p.add_argument("--seed", type=int, required=True, help="seed of the split's random stream")
+    p.add_argument(
+        "--seed",
+        type=_seed(MAX_DATA_SEED),
+        required=True,
+        help="seed of the split's random stream (0 or more)",
+    )
     p.add_argument("--steps", type=int, default=100, help="time steps per run (default 100)")
     p.add_argument("--boundary", choices=BOUNDARIES, default="zero", help="default: zero")
     p.add_argument(
@@ -132,6 +180,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="dask workers (default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing store at --out (without it an existing store is refused)",
+    )
     p.set_defaults(run=_run_simulate)
 
 
@@ -140,6 +193,7 @@ def _run_simulate(args: argparse.Namespace) -> None:
     from smoe.data.mask import check_mask, load_mask
     from smoe.data.store import keep_freed_memory_mapped, simulate_split
 
+    replacing = args.out.is_dir()
     keep_freed_memory_mapped()
     params = HeatParams(
         diffusivity=tuple(args.diffusivity),
@@ -166,9 +220,11 @@ def _run_simulate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         workers=args.workers,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     print(
-        f"wrote {out}: {args.runs} runs x {args.steps + 1} frames x {mask.shape[0]}x{mask.shape[1]}"
+        f"{'replaced existing store' if replacing else 'wrote'} {out}: {args.runs} runs x "
+        f"{args.steps + 1} frames x {mask.shape[0]}x{mask.shape[1]}"
     )
 
 
@@ -207,7 +263,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name under 'models' in --config")
     p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
     p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
-    p.add_argument("--seed", type=int, required=True, help="training seed")
+    p.add_argument(
+        "--seed", type=_seed(MAX_TRAIN_SEED), required=True, help="training seed (0 to 2**32-1)"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -255,13 +313,18 @@ def _add_tune_lr(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True, help="workflow config file")
     p.add_argument("--model", required=True, help="model name under 'models' in --config")
     p.add_argument("--lrs", type=float, nargs="+", required=True, help="candidate learning rates")
-    p.add_argument("--seed", type=int, required=True, help="training seed (same for every rate)")
+    p.add_argument(
+        "--seed",
+        type=_seed(MAX_TRAIN_SEED),
+        required=True,
+        help="training seed (same for every rate)",
+    )
     p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
     p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
     p.add_argument("--out", type=Path, required=True, help="CSV of rate -> validation value")
     p.add_argument(
         "--epochs",
-        type=int,
+        type=_positive,
         default=None,
         help="epochs per training (default: the model's train.epochs in --config)",
     )
@@ -392,9 +455,13 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         help="history.csv files of smoe train (curves)",
     )
     p.add_argument(
-        "--run", dest="sample_run", type=int, default=0, help="test run shown (predictions)"
+        "--run",
+        dest="sample_run",
+        type=_non_negative,
+        default=0,
+        help="test run shown (predictions)",
     )
-    p.add_argument("--time", type=int, default=None, help="time step shown (predictions)")
+    p.add_argument("--time", type=_non_negative, default=None, help="time step shown (predictions)")
     p.add_argument("--out", type=Path, required=True, help="output path (.png and .svg)")
     p.set_defaults(run=_run_figure)
 
@@ -416,7 +483,7 @@ def _run_figure(args: argparse.Namespace) -> None:
         from smoe.data.mask import load_mask
 
         paths = figures.routing_figure(
-            load_mask(args.mask), figures.load_metrics(args.metrics), args.out
+            load_mask(args.mask), figures.load_metrics(args.metrics), args.out, args.metrics
         )
     elif args.kind == "predictions":
         paths = figures.predictions_figure(args.predictions, args.out, args.sample_run, args.time)
@@ -425,7 +492,7 @@ def _run_figure(args: argparse.Namespace) -> None:
     elif args.kind == "bars":
         paths = figures.metric_bars_figure(figures.load_metrics(args.metrics), args.out)
     else:
-        paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out)
+        paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out, args.metrics)
     print("wrote " + ", ".join(str(path) for path in paths))
 
 
@@ -449,7 +516,7 @@ def _run_check_config(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smoe",
         description="Spatial Mixture-of-Experts workflow steps. Each subcommand is one step "
         "of the Snakemake workflow and also runs by hand.",
@@ -471,14 +538,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The input files and the outputs (path, ``file`` or ``folder``) of a command line."""
+    command = args.command
+    if command == "mask":
+        return [args.source], [(args.out, "file"), (args.png, "file")]
+    if command == "simulate":
+        return [args.mask], [(args.out, "folder")]
+    if command == "export":
+        return [args.store], [(args.out, "file")]
+    if command == "train":
+        return [args.config, args.train_store, args.val_store], [(args.out, "folder")]
+    if command == "tune-lr":
+        runs = args.out.with_name(f"{args.out.stem}.runs")
+        inputs = [args.config, args.train_store, args.val_store]
+        return inputs, [(args.out, "file"), (runs, "folder")]
+    if command == "evaluate":
+        outputs = [(args.out, "file"), (args.routing_map, "file"), (args.predictions, "file")]
+        return [args.checkpoint, args.store], outputs
+    if command == "aggregate":
+        tables = [args.out_dir / name for name in ("metrics_long.csv", "summary.csv", "summary.md")]
+        return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
+    if command == "figure":
+        from smoe.report.figures import figure_paths
+
+        inputs = [*args.metrics, args.mask, *args.predictions, *args.histories]
+        return inputs, [(path, "file") for path in figure_paths(args.out)]
+    return [], []
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that cannot be written or that would overwrite an
+    input or each other."""
+    from smoe.atomic import check_output
+
+    inputs, outputs = _paths(args)
+    outputs = [(Path(path), kind) for path, kind in outputs if path is not None]
+    seen: dict[Path, Path] = {}
+    read = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    for path, kind in outputs:
+        check_output(path, kind)
+        resolved = path.resolve()
+        if resolved in read:
+            raise InputError(
+                f"output {str(path)!r} is also an input ({str(read[resolved])!r}); "
+                "it would be overwritten: choose another output"
+            )
+        if resolved in seen:
+            raise InputError(f"output {str(path)!r} is given twice ({str(seen[resolved])!r})")
+        seen[resolved] = path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"smoe {args.command}: error:"
     try:
+        check_paths(args)
         args.run(args)
     except InputError as exc:
-        print(f"smoe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only folder, a full disk, a file that went away
+        print(f"{prefix} {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"smoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SMOE_DEBUG"):
+            raise
+        print(
+            f"{prefix} unexpected {type(exc).__name__}: {one_line(exc)} (this is a bug in smoe: "
+            "please report it with the command line; SMOE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

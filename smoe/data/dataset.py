@@ -26,8 +26,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from smoe.data.provenance import store_inconsistencies, store_provenance
-from smoe.data.store import open_store
-from smoe.errors import InputError
+from smoe.data.store import (
+    chunk_key,
+    chunk_read_error,
+    field_reads,
+    open_store,
+    regenerate_hint,
+)
+from smoe.errors import InputError, one_line
 
 NORMALIZER_KINDS = ("none", "zscore", "minmax")
 DEFAULT_MAX_EAGER_BYTES = 4 * 2**30
@@ -72,11 +78,16 @@ class Normalizer:
         import dask
 
         field = open_store(store_path)["u"].data
+        with field_reads(store_path):
+            if kind == "zscore":
+                stats = dask.compute(field.mean(dtype=np.float64), field.std(dtype=np.float64))
+            else:
+                stats = dask.compute(field.min(), field.max())
         if kind == "zscore":
-            offset, spread = dask.compute(field.mean(dtype=np.float64), field.std(dtype=np.float64))
+            offset, spread = stats
             offset, scale = float(offset), float(spread)
         else:
-            low, high = (np.float32(v) for v in dask.compute(field.min(), field.max()))
+            low, high = (np.float32(v) for v in stats)
             # The difference in float32, as normalize computes a - low: max maps to exactly 1.
             offset, scale = float(low), float(high - low)
         if not (math.isfinite(offset) and math.isfinite(scale)):
@@ -139,8 +150,9 @@ class HeatPairs(Dataset):
         ds = open_store(self._path)
         self._runs, self._frames, self._height, self._width = (int(n) for n in ds["u"].shape)
         self._check_shape()
-        self._mask = torch.from_numpy(np.asarray(ds["mask"].values, dtype=np.int64))
-        self._diffusivity = tuple(float(a) for a in ds["diffusivity"].values)
+        mask, diffusivity = self._read_small(ds, "mask"), self._read_small(ds, "diffusivity")
+        self._mask = torch.from_numpy(np.asarray(mask, dtype=np.int64))
+        self._diffusivity = tuple(float(a) for a in diffusivity)
         problems = store_inconsistencies(ds)
         if problems:
             raise InputError(
@@ -156,6 +168,24 @@ class HeatPairs(Dataset):
         self._eager = field_bytes < max_eager_bytes if eager is None else bool(eager)
         self._reset_handles()
         self._field = self._load_field() if self._eager else None
+
+    def _read_small(self, ds: Any, name: str) -> np.ndarray:
+        """A small variable's values, or an InputError naming the store and the variable."""
+        try:
+            return ds[name].values
+        except Exception as exc:  # noqa: BLE001 - any decoder's error means damaged data
+            raise InputError(
+                f"store {str(self._path)!r}: array {name!r} cannot be read "
+                f"({type(exc).__name__}: {one_line(exc)}); {regenerate_hint(self._path)}"
+            ) from exc
+
+    def _read_chunk(self, array: Any, first: int, index: Any) -> np.ndarray:
+        """``array[index]``, reading the field's chunk that holds run ``first``; a chunk zarr
+        cannot read or decode (truncated, damaged, gone) raises an InputError naming it."""
+        try:
+            return array[index]
+        except Exception as exc:  # noqa: BLE001 - zarr and the codecs raise many types
+            raise chunk_read_error(self._path, chunk_key(array, first), exc) from exc
 
     def _check_shape(self) -> None:
         if self._runs < 1:
@@ -204,7 +234,9 @@ class HeatPairs(Dataset):
         step = int(array.chunks[0])
         bad: dict[int, int] = {}
         for first in range(0, self._runs, step):
-            block = np.asarray(array[first : first + step], dtype=np.float32)
+            block = np.asarray(
+                self._read_chunk(array, first, slice(first, first + step)), dtype=np.float32
+            )
             counts = np.count_nonzero(~np.isfinite(block), axis=(1, 2, 3))
             bad.update({first + int(r): int(counts[r]) for r in np.flatnonzero(counts)})
             field[first : first + len(block)] = self._normalizer.normalize(torch.from_numpy(block))
@@ -322,10 +354,10 @@ class HeatPairs(Dataset):
         step = int(array.chunks[0])
         chunk_bytes = step * int(np.prod(array.chunks[1:])) * array.dtype.itemsize
         if chunk_bytes > MAX_CACHED_CHUNK_BYTES:
-            return array[run, start:stop]
+            return self._read_chunk(array, run, (run, slice(start, stop)))
         first = run - run % step
         if self._chunk is None or self._chunk_first != first:
-            self._chunk = array[first : first + step]
+            self._chunk = self._read_chunk(array, first, slice(first, first + step))
             self._chunk_first = first
         return self._chunk[run - first, start:stop]
 

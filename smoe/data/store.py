@@ -9,7 +9,10 @@ only when complete, so a killed job never leaves a store that looks finished.
 from __future__ import annotations
 
 import json
+import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask
@@ -23,7 +26,7 @@ from smoe.atomic import atomic_directory, atomic_file
 from smoe.data.choices import COMPRESSIONS, SCHEDULERS, chunk_runs, task_runs
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
 from smoe.data.mask import check_mask, mask_dataset
-from smoe.errors import InputError
+from smoe.errors import InputError, one_line
 
 
 def compressors(name: str) -> tuple | None:
@@ -200,8 +203,14 @@ def simulate_split(
     scheduler: str = "threads",
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Simulate one split and write it as a zarr store at ``out`` (atomically)."""
+    """Simulate one split and write it as a zarr store at ``out`` (atomically).
+
+    An existing store at ``out`` is replaced only with ``overwrite``; anything else there
+    (a file, a folder that is not a zarr store) is refused, with or without it, before any
+    work: a user's file is never moved aside or deleted.
+    """
     params.validate()
     mask = check_mask(mask, params.types, mask_source or "mask")
     if runs < 1:
@@ -216,6 +225,7 @@ def simulate_split(
     out = Path(out)
     if out.suffix != ".zarr":
         raise InputError(f"output {str(out)!r}: a store's name must end in .zarr")
+    check_store_output(out, overwrite)
 
     plan = plan_runs(mask, params, seed, runs)
     per_chunk = min(runs_per_chunk or chunk_runs(params.steps, *mask.shape), runs)
@@ -240,8 +250,9 @@ def simulate_split(
     return out
 
 
-def run_dask(work, scheduler: str, workers: int, progress: bool, description: str) -> None:
-    """Compute a dask collection on the chosen scheduler, with a progress bar if asked."""
+def run_dask(work, scheduler: str, workers: int, progress: bool, description: str):
+    """Compute a dask collection on the chosen scheduler, with a progress bar if asked;
+    returns the computed value of ``work``."""
     if scheduler == "distributed" or scheduler.startswith("tcp://"):
         from distributed import Client, LocalCluster
         from distributed import progress as show_progress
@@ -256,17 +267,16 @@ def run_dask(work, scheduler: str, workers: int, progress: bool, description: st
             futures = client.compute(work)
             if progress:
                 show_progress(futures)
-            client.gather(futures)
+            result = client.gather(futures)
         if cluster is not None:
             cluster.close()
-        return
+        return result
     if progress:
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc=description, mininterval=1.0):
-            dask.compute(work, scheduler=scheduler, num_workers=workers)
-    else:
-        dask.compute(work, scheduler=scheduler, num_workers=workers)
+            return dask.compute(work, scheduler=scheduler, num_workers=workers)[0]
+    return dask.compute(work, scheduler=scheduler, num_workers=workers)[0]
 
 
 # Snakemake marks a finished directory output with this empty file at its top level. Inside
@@ -294,8 +304,185 @@ class WorkflowStore(WrapperStore):
                 yield key
 
 
+FIELD = "u"
+REQUIRED_VARIABLES = (FIELD, "mask", "diffusivity")
+"""Arrays every store must hold: a store without one cannot be trained or evaluated on."""
+
+
+def regenerate_hint(path: str | Path) -> str:
+    """How to rebuild a damaged store."""
+    return (
+        f"regenerate the store: rm -r {path} then rerun snakemake, or rerun "
+        f"smoe simulate ... --out {path} --overwrite"
+    )
+
+
+def _read_json_object(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when the file is missing, unreadable or garbled."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_zarr_store(path: str | Path) -> bool:
+    """Whether ``path`` is a folder whose top-level ``zarr.json`` describes a zarr group."""
+    meta = _read_json_object(Path(path) / "zarr.json") if Path(path).is_dir() else None
+    return meta is not None and meta.get("node_type") == "group"
+
+
+def check_store_output(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output path holding anything but a store, or a store without ``overwrite``."""
+    out = Path(out)
+    name = repr(str(out))
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise InputError(
+            f"output {name} exists and is a file, not a zarr store; nothing was changed: "
+            "remove it or choose another --out"
+        )
+    if not is_zarr_store(out):
+        raise InputError(
+            f"output {name} exists and is not a zarr store (no readable zarr.json of a group); "
+            "nothing was changed: remove it or choose another --out"
+        )
+    if not overwrite:
+        raise InputError(
+            f"store {name} already exists; nothing was changed: pass --overwrite to replace "
+            f"it, or remove it first (rm -r {out})"
+        )
+
+
+def _check_metadata(path: Path) -> None:
+    """Every array's metadata readable and the required arrays present, read as plain JSON.
+
+    Checked before zarr is asked to open the store: zarr reads the metadata concurrently
+    and a garbled file aborts it with a bare parser message (and unfinished tasks), which
+    names neither the store nor the file.
+    """
+    name = repr(str(path))
+    hint = regenerate_hint(path)
+    if not is_zarr_store(path):
+        raise InputError(
+            f"store {name} is not a readable zarr store: its metadata zarr.json is missing, "
+            f"garbled or not a group's; {hint}"
+        )
+    for child in sorted(p for p in path.iterdir() if p.is_dir()):
+        meta_file = child / "zarr.json"
+        meta = _read_json_object(meta_file)
+        if meta is None or meta.get("node_type") not in ("array", "group"):
+            state = "missing" if not meta_file.exists() else "unreadable or garbled"
+            raise InputError(
+                f"store {name}: metadata {child.name}/zarr.json of array {child.name!r} is "
+                f"{state}; {hint}"
+            )
+    for variable in REQUIRED_VARIABLES:
+        if not (path / variable).is_dir():
+            raise InputError(f"store {name} has no array {variable!r}; {hint}")
+
+
+def _open_arrays(path: Path) -> dict:
+    """Each array of the store opened on its own, so that bad metadata is named by file."""
+    import zarr
+
+    arrays = {}
+    for child in sorted(p for p in path.iterdir() if p.is_dir()):
+        try:
+            node = zarr.open(child, mode="r")
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for bad metadata
+            raise InputError(
+                f"store {str(path)!r}: metadata {child.name}/zarr.json cannot be used "
+                f"({type(exc).__name__}: {one_line(exc)}); {regenerate_hint(path)}"
+            ) from exc
+        arrays[child.name] = node
+    return arrays
+
+
+def chunk_key(array, index: int) -> str:
+    """The store key of the field's chunk holding run ``index``, e.g. ``u/c/3/0/0/0``."""
+    coords = (index // int(array.chunks[0]),) + (0,) * (len(array.shape) - 1)
+    return f"{FIELD}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def _chunk_keys(name: str, array) -> list[str]:
+    """Every chunk key of an array, e.g. ``u/c/0/0/0/0``, in C order."""
+    import itertools
+
+    grid = [math.ceil(n / c) for n, c in zip(array.shape, array.chunks, strict=True)]
+    return [
+        f"{name}/{array.metadata.encode_chunk_key(coords)}"
+        for coords in itertools.product(*(range(n) for n in grid))
+    ]
+
+
+def _check_chunks(path: Path, name: str, array) -> None:
+    """Every chunk of an array present: zarr would silently read a missing one as the fill
+    value (NaN for the field and the diffusivities, 0 for the region map)."""
+    missing = [key for key in _chunk_keys(name, array) if not (path / key).is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(missing[:5]) + more
+        what = "the field" if name == FIELD else f"array {name!r}"
+        raise InputError(
+            f"store {str(path)!r}: chunk {shown} of {what} is missing; {regenerate_hint(path)}"
+        )
+
+
+def chunk_read_error(path: str | Path, key: str, exc: BaseException) -> InputError:
+    """The error for a field chunk that cannot be read or decoded."""
+    reason = one_line(exc) or type(exc).__name__
+    return InputError(
+        f"store {str(path)!r}: chunk {key} cannot be read ({type(exc).__name__}: {reason}); it "
+        f"is truncated or damaged: {regenerate_hint(path)}"
+    )
+
+
+def bad_field_chunks(path: str | Path) -> list[tuple[str, BaseException]]:
+    """Read every chunk of the field on its own; the keys (and errors) of those that fail."""
+    import zarr
+
+    path = Path(path)
+    array = zarr.open_array(path / FIELD, mode="r")
+    step = int(array.chunks[0])
+    bad = []
+    for first in range(0, int(array.shape[0]), step):
+        try:
+            array[first : first + step]
+        except Exception as exc:  # noqa: BLE001 - any decoder's error means a damaged chunk
+            bad.append((chunk_key(array, first), exc))
+    return bad
+
+
+@contextmanager
+def field_reads(path: str | Path) -> Iterator[None]:
+    """Turn a failed read of the field (dask, xarray) into an InputError naming the chunk.
+
+    The failing chunk is found by reading each chunk on its own, so only a failure pays
+    for the search; a failure that no chunk explains is raised unchanged.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        try:
+            bad = bad_field_chunks(path)
+        except Exception:  # noqa: BLE001 - the search is best effort; report the original
+            bad = []
+        if not bad:
+            raise
+        key, cause = bad[0]
+        error = chunk_read_error(path, key, cause)
+        if len(bad) > 1:
+            error = InputError(f"{error} ({len(bad) - 1} more damaged chunk(s))")
+        raise error from exc
+
+
 def open_store(path: str | Path) -> xr.Dataset:
-    """Open a finished store lazily, with a clear error when it is missing or unfinished."""
+    """Open a finished store lazily, with a clear error when it is missing, unfinished or
+    damaged (garbled or missing metadata, a missing chunk of the field)."""
     path = Path(path)
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
@@ -305,17 +492,52 @@ def open_store(path: str | Path) -> xr.Dataset:
             else ""
         )
         raise InputError(f"store {str(path)!r} does not exist{hint}")
+    if not path.is_dir():
+        raise InputError(f"store {str(path)!r} is a file, not a zarr store (a folder)")
+    _check_metadata(path)
+    arrays = _open_arrays(path)
     try:
+        field = arrays[FIELD]
+        if field.ndim != 4:
+            raise InputError(
+                f"store {str(path)!r}: field u has {field.ndim} dimensions, expected 4 "
+                f"(run, time, y, x); {regenerate_hint(path)}"
+            )
+        _check_chunks(path, FIELD, field)
+        diffusivity = arrays["diffusivity"]
+        _check_chunks(path, "diffusivity", diffusivity)
+        if diffusivity.shape[0] > 1:
+            # A map of one region type is all zeros, the fill value: zarr does not write it.
+            _check_chunks(path, "mask", arrays["mask"])
         store = WorkflowStore(LocalStore(path, read_only=True))
         return xr.open_zarr(store, consolidated=False)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise InputError(f"store {str(path)!r} is not a readable zarr store: {exc}") from exc
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr and xarray raise many types for bad stores
+        raise InputError(
+            f"store {str(path)!r} is not a readable zarr store ({type(exc).__name__}: "
+            f"{one_line(exc)}); {regenerate_hint(path)}"
+        ) from exc
+
+
+def non_finite_message(path: str | Path, bad: dict[int, int]) -> str:
+    runs = ", ".join(f"run {run}: {count}" for run, count in list(bad.items())[:10])
+    more = f" and {len(bad) - 10} more runs" if len(bad) > 10 else ""
+    return (
+        f"store {str(path)!r}: field u has {sum(bad.values())} non-finite value(s) (NaN/Inf) "
+        f"({runs}{more}); {regenerate_hint(path)}"
+    )
 
 
 def export_netcdf(
     store: str | Path, out: str | Path, progress: bool = True, workers: int = 1
 ) -> Path:
-    """Write a store as a compressed netCDF4 file for tools that do not read zarr."""
+    """Write a store as a compressed netCDF4 file for tools that do not read zarr.
+
+    A field with NaN or infinite values is refused (naming the runs), as training and
+    evaluation refuse it; the check shares the export's single pass over the data and the
+    output is only renamed into place when both succeed.
+    """
     out = Path(out)
     if out.suffix != ".nc":
         raise InputError(f"output {str(out)!r}: a netCDF file's name must end in .nc")
@@ -326,9 +548,16 @@ def export_netcdf(
         if var.ndim == 4:
             enc["chunksizes"] = (1, *var.shape[1:])
         encoding[name] = enc
-    with atomic_file(out) as partial:
+    field = ds[FIELD].data
+    counts = (~da.isfinite(field)).sum(axis=tuple(range(1, field.ndim)))
+    with atomic_file(out) as partial, field_reads(store):
         write = ds.to_netcdf(
             partial, engine="netcdf4", format="NETCDF4", encoding=encoding, compute=False
         )
-        run_dask(write, "threads", workers, progress, f"export {Path(store).name}")
+        _, counts = run_dask(
+            (write, counts), "threads", workers, progress, f"export {Path(store).name}"
+        )
+        bad = {int(run): int(n) for run, n in enumerate(np.asarray(counts)) if n}
+        if bad:
+            raise InputError(non_finite_message(store, bad) + "; nothing was written")
     return out

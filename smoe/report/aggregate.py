@@ -44,19 +44,57 @@ HEADLINE = [
 PER_REGION = [("prcntclose1.0", "{:.2f}"), ("prcntclose1.0s", "{:.2f}"), ("mse", "{:.2e}")]
 
 
-def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+RESULT_KEYS = ("model", "kind", "seed", "metrics", "params", "train_time_s", "best_epoch", "store")
+"""What every ``smoe evaluate`` result holds, and what the tables read."""
+
+
+def read_result(path: str | Path, required: Iterable[str] = RESULT_KEYS) -> dict[str, Any]:
+    """One metrics JSON file; a missing, unreadable or malformed one (not a JSON object, a
+    required key missing, metrics that are not numbers) raises an InputError naming it."""
+    path = Path(path)
+    name = repr(str(path))
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"metrics file {name} {state}")
+    try:
+        result = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"metrics file {name} cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # JSON syntax, or bytes that are not text
+        raise InputError(
+            f"metrics file {name} is not JSON ({' '.join(str(exc).split())}): not an "
+            "evaluation result of smoe evaluate"
+        ) from exc
+    if not isinstance(result, dict):
+        raise InputError(f"metrics file {name} is not an evaluation result (not a JSON object)")
+    missing = [key for key in required if key not in result]
+    if missing:
+        raise InputError(
+            f"metrics file {name} is not an evaluation result: it lacks "
+            f"{', '.join(map(repr, missing))}"
+        )
+    metrics = result.get("metrics")
+    if "metrics" in required and (
+        not isinstance(metrics, dict)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values())
+    ):
+        raise InputError(
+            f"metrics file {name}: 'metrics' is not a mapping of metric names to numbers"
+        )
+    routing = result.get("routing")
+    if routing is not None and (not isinstance(routing, dict) or "agreement" not in routing):
+        raise InputError(
+            f"metrics file {name}: 'routing' is neither null nor a routing section with 'agreement'"
+        )
+    return result
+
+
+def load_results(
+    paths: Iterable[str | Path], required: Iterable[str] = RESULT_KEYS
+) -> list[dict[str, Any]]:
     """The metrics JSON files, with a clear error for a missing or malformed one."""
-    results = []
-    for path in paths:
-        path = Path(path)
-        try:
-            result = json.loads(path.read_text())
-            result["metrics"]  # noqa: B018 - the one key every result must have
-        except FileNotFoundError as exc:
-            raise InputError(f"metrics file {str(path)!r} does not exist") from exc
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"metrics file {str(path)!r} is not an evaluation result") from exc
-        results.append(result)
+    required = tuple(required)
+    results = [read_result(path, required) for path in paths]
     if not results:
         raise InputError("no metrics files to aggregate")
     return results

@@ -21,7 +21,6 @@ Region types use the discrete viridis colours of ``results/data/mask.png``
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from smoe.atomic import atomic_file
+from smoe.errors import InputError, one_line
 
 FORMATS = ("png", "svg")
 DPI = 150
@@ -87,8 +87,11 @@ def save_figure(fig: Figure, out: str | Path) -> tuple[Path, Path]:
 
 
 def load_metrics(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """The metrics JSON files (``smoe evaluate`` output), in the order given."""
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """The metrics JSON files (``smoe evaluate`` output), in the order given; a missing or
+    malformed file raises an InputError naming it."""
+    from smoe.report.aggregate import load_results
+
+    return load_results(paths, required=("model", "metrics"))
 
 
 def load_histories(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
@@ -103,17 +106,49 @@ def load_histories(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
     return grouped
 
 
+HISTORY_VALUES = ("train_loss", "val_prcntclose1.0")
+"""A history must have at least one of these columns to be drawn."""
+
+
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
-    """A history CSV as columns of floats (empty cells become NaN)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = rows[0].keys() if rows else []
-    return {
-        name: np.array(
-            [float(row[name]) if row[name] not in ("", None) else math.nan for row in rows]
-        )
-        for name in columns
-    }
+    """A history CSV as columns of floats (empty cells become NaN).
+
+    A missing, unreadable, empty or malformed file (no ``epoch`` column, no rows, a row of
+    the wrong length, a cell that is not a number) raises an InputError naming the file.
+    """
+    path = Path(path)
+    name = repr(str(path))
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"history file {name} {state}")
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"history file {name} is not a readable CSV ({one_line(exc)})") from exc
+    if "epoch" not in header:
+        raise InputError(f"history file {name} is not a training history: no 'epoch' column")
+    if not rows:
+        raise InputError(f"history file {name} has no rows: no epoch was recorded")
+    columns: dict[str, np.ndarray] = {}
+    for column in header:
+        values = []
+        for line, row in enumerate(rows, start=2):
+            if None in row or row.get(column) is None:
+                raise InputError(
+                    f"history file {name}, line {line}: {len(header)} columns expected"
+                )
+            cell = row[column]
+            try:
+                values.append(float(cell) if cell != "" else math.nan)
+            except ValueError:
+                raise InputError(
+                    f"history file {name}, line {line}, column {column!r}: {cell!r} is not a number"
+                ) from None
+        columns[column] = np.array(values)
+    return columns
 
 
 # --- colours ------------------------------------------------------------------------------
@@ -168,9 +203,50 @@ def misrouted_cells(
     return types != mask
 
 
-def routing_runs(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The results that carry a routing map (SMoE models); others are skipped."""
-    return [r for r in runs if r.get("routing") and r["routing"].get("map") is not None]
+def _sources(runs: Sequence[Mapping[str, Any]], sources: Sequence[str | Path] | None) -> list:
+    """Each result's name in messages: its file when known, else its model and seed."""
+    if sources is not None and len(sources) == len(runs):
+        return [repr(str(source)) for source in sources]
+    return [run_title(result) for result in runs]
+
+
+def _described(names: Sequence[str], sources: Sequence[str | Path] | None) -> str:
+    what = "metrics files" if sources is not None else "results"
+    return f"{what} {', '.join(names) or '(none)'}"
+
+
+ROUTING_KEYS = ("map", "expert_to_type", "agreement")
+KERNEL_KEYS = ("kernels", "stencils", "expert_to_type")
+
+
+def _check_routing(result: Mapping[str, Any], name: str, keys: Sequence[str]) -> None:
+    """A result's routing section has ``keys`` (else an InputError naming the result)."""
+    routing = result.get("routing")
+    if not isinstance(routing, Mapping):
+        raise InputError(f"metrics {name}: 'routing' is not a routing section")
+    missing = [key for key in keys if key not in routing]
+    if missing:
+        raise InputError(
+            f"metrics {name}: the routing section lacks {', '.join(map(repr, missing))}; "
+            "it is not what smoe evaluate writes: re-run the evaluation"
+        )
+
+
+def routing_runs(
+    runs: Iterable[Mapping[str, Any]], sources: Sequence[str | Path] | None = None
+) -> list[Mapping[str, Any]]:
+    """The results that carry a routing map (SMoE models); others are skipped.
+
+    A routing section without the matching or the agreement raises an InputError naming
+    its file (``sources``, parallel to ``runs``) or its model and seed.
+    """
+    runs = list(runs)
+    selected = []
+    for result, name in zip(runs, _sources(runs, sources), strict=True):
+        if result.get("routing") and result["routing"].get("map") is not None:
+            _check_routing(result, name, ROUTING_KEYS)
+            selected.append(result)
+    return selected
 
 
 def _draw_types(ax, types_map: np.ndarray, types: int, title: str) -> None:
@@ -202,16 +278,36 @@ def mark_cells(ax, cells: np.ndarray) -> None:
 
 
 def routing_figure(
-    mask: np.ndarray, runs: list[dict[str, Any]], out: str | Path
+    mask: np.ndarray,
+    runs: list[dict[str, Any]],
+    out: str | Path,
+    sources: Sequence[str | Path] | None = None,
 ) -> tuple[Path, Path]:
     """The true region map beside each SMoE run's learned routing, misrouted cells in red.
 
     Each learned map is the majority expert per cell translated to region types with the
     run's expert/type matching, so a perfect router looks exactly like the truth panel.
-    Results without routing (non-SMoE models) are skipped.
+    Results without routing (non-SMoE models) are skipped; when none has routing, or a
+    routing map's grid is not the region map's, an InputError names the inputs
+    (``sources``: the files of ``runs``, in the same order).
     """
     mask = np.asarray(mask, dtype=np.int64)
-    runs = routing_runs(runs)
+    names = _sources(runs, sources)
+    named = dict(zip(map(id, runs), names, strict=True))
+    runs = routing_runs(runs, sources)
+    if not runs:
+        raise InputError(
+            f"routing figure: none of the {_described(names, sources)} has a routing map "
+            "(only SMoE models have one); nothing to draw"
+        )
+    for result in runs:
+        shape = np.shape(result["routing"]["map"])
+        if shape != mask.shape:
+            raise InputError(
+                f"routing figure: the routing map of {named[id(result)]} is "
+                f"{'x'.join(map(str, shape))} but the region map is "
+                f"{mask.shape[0]}x{mask.shape[1]}: they come from different grids"
+            )
     types = int(mask.max()) + 1
     for result in runs:
         types = max(types, 1 + max(result["routing"]["expert_to_type"].values(), default=0))
@@ -235,8 +331,6 @@ def routing_figure(
         mark_cells(ax, wrong)
     for ax in axes[panels:]:
         ax.set_axis_off()
-    if not runs:
-        axes[0].set_xlabel("no SMoE results with a routing map", fontsize=8)
     handles = [Patch(color=c, label=f"type {t}") for t, c in enumerate(type_colours(types))]
     if unmatched:
         handles.append(Patch(color=UNMATCHED_COLOUR, label="unmatched expert"))
@@ -279,7 +373,7 @@ def default_time(datasets: Sequence[xr.Dataset]) -> int:
     """The middle time step that every file predicts, preferring ones with a known input."""
     common = sorted(set.intersection(*(set(ds["time"].values.tolist()) for ds in datasets)))
     if not common:
-        raise ValueError("the prediction files share no time step")
+        raise InputError("the prediction files share no time step")
     known = set().union(*(ds["time"].values.tolist() for ds in datasets))
     with_input = [t for t in common if t - 1 in known]
     choice = with_input or common
@@ -296,12 +390,16 @@ def select_samples(
     The input is the true frame at ``time - 1``, taken from whichever file holds it.
     """
     if not datasets:
-        raise ValueError("no predictions files")
+        raise InputError("no predictions files")
     time = default_time(datasets) if time is None else int(time)
     for ds in datasets:
         if run not in ds["run"].values or time not in ds["time"].values:
             name = ds.attrs.get("model", "?")
-            raise ValueError(f"{name}: predictions file has no run {run} at time step {time}")
+            runs, times = ds["run"].values, ds["time"].values
+            raise InputError(
+                f"{name}: predictions file has no run {run} at time step {time} (it holds runs "
+                f"{runs.min()}..{runs.max()}, time steps {times.min()}..{times.max()})"
+            )
     previous = next((ds for ds in datasets if time - 1 in ds["time"].values), None)
     frame = None if previous is None else previous["u"].sel(run=run, time=time - 1).values
     at = {"run": run, "time": time}
@@ -320,8 +418,38 @@ def select_samples(
             )
         )
     if len({s.target.shape for s in samples}) > 1:
-        raise ValueError("predictions files have different grids")
+        raise InputError("predictions files have different grids")
     return samples
+
+
+PREDICTION_VARIABLES = ("prediction", "u")
+PREDICTION_COORDS = ("run", "time")
+
+
+def open_predictions(path: str | Path) -> xr.Dataset:
+    """A predictions netCDF of ``smoe evaluate``, or an InputError naming the file."""
+    path = Path(path)
+    name = repr(str(path))
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"predictions file {name} {state}")
+    try:
+        ds = xr.open_dataset(path)
+    except Exception as exc:  # noqa: BLE001 - the netCDF/HDF5 readers raise many types
+        raise InputError(
+            f"predictions file {name} is not readable netCDF ({type(exc).__name__}: "
+            f"{one_line(exc)})"
+        ) from exc
+    missing = [v for v in (*PREDICTION_VARIABLES, *PREDICTION_COORDS) if v not in ds.variables]
+    if missing or any(
+        ds[v].dims != ("run", "time", "y", "x") for v in PREDICTION_VARIABLES if v in ds.variables
+    ):
+        ds.close()
+        lacks = f"lacks {', '.join(map(repr, missing))}" if missing else "has other dimensions"
+        raise InputError(
+            f"predictions file {name} {lacks}: it is not what smoe evaluate --predictions writes"
+        )
+    return ds
 
 
 def _field_limits(samples: Sequence[Sample]) -> tuple[float, float]:
@@ -355,8 +483,10 @@ def predictions_figure(
     scale and errors one symmetric diverging scale (:func:`error_limit`), so rows compare
     at a glance. Each error panel's title gives that model's largest error.
     """
-    datasets = [xr.open_dataset(f) for f in files]
+    datasets = []
     try:
+        for path in files:
+            datasets.append(open_predictions(path))
         samples = select_samples(datasets, run, time)
     finally:
         for ds in datasets:
@@ -428,15 +558,27 @@ def learning_curves_figure(histories: dict[str, list[Path]], out: str | Path) ->
     Models without training columns (persistence: one validation row) have no loss curve;
     their validation value is drawn as a dashed horizontal line, a floor to beat.
     """
+    read = {
+        model: [(Path(p), read_history(p)) for p in paths] for model, paths in histories.items()
+    }
+    read = {model: items for model, items in read.items() if items}
+    if not read:
+        raise InputError("learning curves: no history files given")
+    for items in read.values():
+        for path, history in items:
+            if not any(column in history for column in HISTORY_VALUES):
+                raise InputError(
+                    f"history file {str(path)!r} has none of the columns "
+                    f"{', '.join(HISTORY_VALUES)}: nothing to draw from it"
+                )
     fig = new_figure(11, 4.2)
     loss_ax, close_ax = fig.subplots(1, 2)
-    colours = model_colours(list(histories))
+    colours = model_colours(list(read))
     handles = []
-    for model, paths in histories.items():
+    for model, items in read.items():
         colour = colours[model]
         style = "-"
-        for path in map(Path, paths):
-            history = read_history(path)
+        for _, history in items:
             trained = "train_loss" in history and len(history.get("epoch", [])) > 0
             if trained:
                 loss = history["train_loss"]
@@ -666,17 +808,40 @@ def _kernel_block(subfig, result: Mapping[str, Any]) -> None:
     subfig.suptitle(f"{run_title(result)}: last SMoE layer, max abs error {shown}", fontsize=9)
 
 
-def kernels_figure(runs: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+def kernel_runs(
+    runs: Sequence[Mapping[str, Any]], sources: Sequence[str | Path] | None = None
+) -> list[Mapping[str, Any]]:
+    """The results with learned 3x3 kernels (SMoE models); a kernels section without the
+    stencils or the matching raises an InputError naming its file or model and seed."""
+    runs = list(runs)
+    selected = []
+    for result, name in zip(runs, _sources(runs, sources), strict=True):
+        routing = result.get("routing")
+        if isinstance(routing, Mapping) and routing.get("kernels"):
+            _check_routing(result, name, KERNEL_KEYS)
+            selected.append(result)
+    return selected
+
+
+def kernels_figure(
+    runs: list[dict[str, Any]],
+    out: str | Path,
+    sources: Sequence[str | Path] | None = None,
+) -> tuple[Path, Path]:
     """Each SMoE run's learned 3x3 expert kernels above the true stencils they were matched to.
 
     Pairing uses the run's ``expert_to_type``, so a permuted matching still puts each
-    kernel beside the right stencil; runs without 3x3 kernels (or non-SMoE runs) are skipped.
+    kernel beside the right stencil; runs without 3x3 kernels (or non-SMoE runs) are skipped,
+    and when none has them an InputError names the inputs (``sources``, as for
+    :func:`routing_figure`).
     """
-    runs = [r for r in routing_runs(runs) if r["routing"].get("kernels")]
+    names = _sources(runs, sources)
+    runs = kernel_runs(runs, sources)
     if not runs:
-        fig = new_figure(4, 1.5)
-        fig.text(0.5, 0.5, "no SMoE results with 3x3 kernels", ha="center", va="center")
-        return save_figure(fig, out)
+        raise InputError(
+            f"kernels figure: none of the {_described(names, sources)} has learned 3x3 "
+            "kernels (only SMoE models whose last layer has 3x3 experts do); nothing to draw"
+        )
     experts = max(len(r["routing"]["kernels"]) for r in runs)
     fig = new_figure(max(2.0 * experts, 4.5), 4.4 * len(runs))
     subfigs = np.atleast_1d(fig.subfigures(len(runs), 1))

@@ -17,7 +17,7 @@ import xarray as xr
 from smoe import __version__
 from smoe.atomic import atomic_file
 from smoe.data.dataset import HeatPairs
-from smoe.data.store import open_store
+from smoe.data.store import field_reads, open_store
 
 
 def predictions_dataset(
@@ -29,7 +29,8 @@ def predictions_dataset(
     times = np.arange(first, first + per_run)
     store = open_store(dataset.store_path)
     frames = predictions.reshape(runs, per_run, dataset.height, dataset.width).numpy()
-    truth = store["u"].isel(time=slice(first, first + per_run)).values
+    with field_reads(dataset.store_path):
+        truth = store["u"].isel(time=slice(first, first + per_run)).values
     unit = {"units": "1"}
     coords = {
         "run": ("run", np.arange(runs), {"long_name": "run index within the split"}),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from smoe.errors import InputError
 from smoe.report import figures as F
 from smoe.train.metrics import ATOL
 
@@ -336,6 +337,45 @@ def test_unmatched_expert_has_no_stencil():
 def test_kernels_figure(tmp_path):
     runs = [smoe_result(0), baseline_result(), smoe_result(1)]
     assert_figure(F.kernels_figure(runs, tmp_path / "kernels"), tmp_path)
-    # no SMoE result at all still gives a (placeholder) figure rather than failing the rule
-    png, svg = F.kernels_figure([baseline_result()], tmp_path / "none")
-    assert png.read_bytes()[:8] == PNG_MAGIC and svg.exists()
+
+
+# --- figures that cannot be drawn ----------------------------------------------------------
+
+
+def test_figures_without_anything_to_draw_are_errors_not_placeholders(tmp_path):
+    baselines = [baseline_result("cnn"), baseline_result("lcn", 1)]
+    with pytest.raises(InputError, match=r"routing figure: none of the results cnn seed 0, lcn"):
+        F.routing_figure(MASK, baselines, tmp_path / "routing")
+    with pytest.raises(InputError, match=r"none of the metrics files 'a.json', 'b.json'"):
+        F.kernels_figure(baselines, tmp_path / "kernels", sources=["a.json", "b.json"])
+    no_kernels = smoe_result(0)
+    del no_kernels["routing"]["kernels"]  # an SMoE whose experts are not 3x3
+    with pytest.raises(InputError, match="3x3"):
+        F.kernels_figure([no_kernels], tmp_path / "kernels")
+    with pytest.raises(InputError, match="no history files"):
+        F.learning_curves_figure({}, tmp_path / "curves")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_routing_and_histories_are_named(tmp_path):
+    broken = smoe_result(0)
+    del broken["routing"]["expert_to_type"]
+    with pytest.raises(InputError, match=r"metrics 'x.json': the routing section lacks"):
+        F.routing_figure(MASK, [broken], tmp_path / "routing", sources=["x.json"])
+    with pytest.raises(InputError, match=r"routing map of smoe seed 0 is 6x5 but the region"):
+        F.routing_figure(MASK[:4], [smoe_result(0)], tmp_path / "routing")
+    empty = write_history(tmp_path / "m" / "seed0" / "history.csv", ["epoch", "train_loss"], [])
+    with pytest.raises(InputError, match="has no rows"):
+        F.learning_curves_figure(F.load_histories([empty]), tmp_path / "curves")
+    words = write_history(tmp_path / "w.csv", ["epoch", "train_loss"], [[0, "lots"]])
+    with pytest.raises(InputError, match=r"w.csv', line 2, column 'train_loss': 'lots'"):
+        F.read_history(words)
+    no_epoch = write_history(tmp_path / "e.csv", ["step", "train_loss"], [[0, 1.0]])
+    with pytest.raises(InputError, match="no 'epoch' column"):
+        F.read_history(no_epoch)
+    nothing = write_history(tmp_path / "n.csv", ["epoch", "lr"], [[0, 0.1]])
+    with pytest.raises(InputError, match="has none of the columns"):
+        F.learning_curves_figure({"n": [nothing]}, tmp_path / "curves")
+    with pytest.raises(InputError, match="does not exist"):
+        F.read_history(tmp_path / "absent.csv")
+    assert not list(tmp_path.glob("*.png"))
