@@ -279,7 +279,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     import json
 
-    from smoe.config import ModelSpec, load_config, model_spec
+    from smoe.config import load_config, model_spec, validate_spec
     from smoe.train.loop import train
 
     if args.config is not None:
@@ -288,9 +288,11 @@ def _run_train(args: argparse.Namespace) -> None:
         spec = model_spec(load_config(args.config), args.model)
     else:
         try:
-            spec = ModelSpec.from_dict(json.loads(args.spec))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"--spec is not a model spec: {exc}") from exc
+            raw = json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--spec is not JSON: {exc}") from exc
+        # the workflow's checks of a model, keys named; the store gives types and steps
+        spec = validate_spec(raw, args.train_store)
     summary = train(spec, args.train_store, args.val_store, args.seed, args.out, args.progress)
     print(
         f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "

@@ -1,9 +1,31 @@
+import dataclasses
+import inspect
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from smoe.config import Config, load_config, validate_config
+from smoe import option_schema
+from smoe.config import (
+    Config,
+    close_metric_name,
+    computable_metrics,
+    load_config,
+    model_spec,
+    region_rtol_scale_of,
+    validate_config,
+    validate_spec,
+)
+from smoe.data.heat import HeatParams
+from smoe.data.store import simulate_split
 from smoe.errors import InputError
+from smoe.models import baselines, gates, layers, names, routing
+from smoe.models import smoe as smoe_module
+from smoe.models.registry import DATA_ARGUMENTS, MODELS, build_model
+from smoe.train.metrics import MetricAccumulator, close_name
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])
@@ -30,18 +52,24 @@ def test_paper_config_has_the_paper_sizes_and_seeds(repo):
     }
 
 
-def test_empty_config_gets_every_default():
-    config = validate_config({})
+ONE_MODEL = {"models": {"p": {"kind": "persistence"}}}
+
+
+def test_a_config_with_one_model_gets_every_other_default():
+    config = validate_config(ONE_MODEL)
     assert config["mask"] == {"file": None, "height": 64, "width": 64, "types": 3, "seed": 42}
     assert config["heat"]["splits"]["test"] == {"runs": 20, "seed": 865124}
     assert config["heat"]["init"] == {"kind": "uniform", "ranges": None}
     assert config["compute"] == {"scheduler": "threads", "threads": 4}
+    # the "s" variant's factors follow the diffusivities: the paper's values for its diffusivities
+    assert config["evaluate"]["region_rtol_scale"] == [0.01, 0.1, 1.0]
+    assert config["models"]["p"] == {"kind": "persistence", "options": {}, "train": {}, "data": {}}
 
 
 def test_validation_does_not_modify_its_input():
-    raw = {"heat": {"steps": 5}}
+    raw = {"heat": {"steps": 5}, **ONE_MODEL}
     validate_config(raw)
-    assert raw == {"heat": {"steps": 5}}
+    assert raw == {"heat": {"steps": 5}, **ONE_MODEL}
 
 
 @pytest.mark.parametrize(
@@ -101,7 +129,7 @@ def test_mask_file_values_must_fit_the_types(tmp_path, small_mask):
     with pytest.raises(InputError, match=r"'mask.file'.*values \[7\] outside 0..2"):
         validate_config({"mask": {"file": str(path)}})
     np.save(path, small_mask)
-    assert validate_config({"mask": {"file": str(path)}})["mask"]["file"] == str(path)
+    assert validate_config({"mask": {"file": str(path)}, **ONE_MODEL})["mask"]["file"] == str(path)
 
 
 def test_load_config_names_the_file(tmp_path):
@@ -114,3 +142,468 @@ def test_load_config_names_the_file(tmp_path):
     path.write_text("heat: [unclosed")
     with pytest.raises(InputError, match="not valid YAML"):
         load_config(path)
+
+
+# --- every model option is checked at validation, as the constructors would --------------
+
+
+COMMON = ("in_channels", "height", "width")
+GATE_COMMON = ("in_channels", "experts", "k", "height", "width", "mask_input")
+
+
+def _plain(value):
+    """Defaults as a config holds them: tuples are lists."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def constructor_options(builder, common) -> dict:
+    """A constructor's options and their defaults, from its signature: the parameters after
+    the common ones, except what comes from the data; ``**routing`` stands for the fields
+    of RoutingOptions."""
+    params = list(inspect.signature(builder).parameters.values())
+    assert tuple(p.name for p in params[: len(common)]) == common, builder
+    options = {}
+    for param in params[len(common) :]:
+        if param.kind is param.VAR_KEYWORD:
+            assert builder is smoe_module.SMoENet, f"{builder} takes **{param.name}"
+            for field in dataclasses.fields(routing.RoutingOptions):
+                options[field.name] = _plain(field.default)
+        elif param.name not in (*DATA_ARGUMENTS, "mask"):
+            assert param.default is not param.empty, (builder, param.name)
+            options[param.name] = _plain(param.default)
+    return options
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_option_schema_matches_the_constructor(kind):
+    """Names and defaults of every kind's options are those of its constructor's signature:
+    a new, renamed or re-defaulted option fails here until smoe/option_schema.py says so."""
+    assert option_schema.defaults(kind) == constructor_options(MODELS[kind], COMMON)
+
+
+@pytest.mark.parametrize("gate", sorted(gates.GATES))
+def test_gate_option_schema_matches_the_gate(gate):
+    schema = option_schema.GATE_OPTIONS[gate]
+    declared = {name: sub.get("default") for name, sub in schema.items()}
+    assert declared == constructor_options(gates.GATES[gate], GATE_COMMON)
+
+
+def test_torch_free_name_lists_equal_the_model_code():
+    assert names.GATE_NAMES == tuple(gates.GATES)
+    assert names.LAYER_ACTIVATIONS == tuple(layers.ACTIVATIONS)
+    assert names.ROUTING_ACTIVATIONS == routing.ACTIVATIONS
+    assert names.RC_SIGNALS == routing.RC_SIGNALS
+    assert names.EXPERT_INITS == smoe_module.EXPERT_INITS
+    assert names.AUX_LOSSES == smoe_module.AUX_LOSSES
+    assert names.BASELINE_INITS == baselines.INITS
+    assert names.COORDS == baselines.COORDS
+
+
+MASK = torch.as_tensor(np.arange(64).reshape(8, 8) % 3)
+
+
+def build(kind, options):
+    return build_model(kind, options, 1, 8, 8, mask=MASK, region_diffusivity=(0.0025, 0.025, 0.25))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_every_default_written_out_is_valid_and_builds(kind):
+    options = option_schema.defaults(kind)
+    config = validate_config({"models": {"m": {"kind": kind, "options": options}}})
+    build(kind, model_spec(config, "m").options)
+
+
+# (kind, options, key and message): each refused by validation AND by the constructor
+REFUSED_BY_BOTH = [
+    ("smoe", {"quantile": 1.5}, r"'models\.m\.options\.quantile': 1\.5 is greater than"),
+    ("smoe", {"damping_factor": -0.1}, r"'models\.m\.options\.damping_factor': -0\.1 is less"),
+    ("smoe", {"experts": 3, "k": 4}, r"'models\.m\.options': k=4 must be between 1 and experts=3"),
+    ("smoe", {"experts": "three"}, r"'models\.m\.options\.experts': 'three' is not of type"),
+    ("smoe", {"gate": "bogus"}, r"'models\.m\.options\.gate': unknown gate 'bogus'"),
+    (
+        "smoe",
+        {"gate": "conv", "gate_options": {"bais": True}},
+        r"'models\.m\.options\.gate_options\.bais': unknown option of gate 'conv'",
+    ),
+    (
+        "smoe",
+        {"gate": "latent", "gate_options": {"bias": True}},
+        r"'models\.m\.options\.gate_options\.bias': unknown option of gate 'latent'",
+    ),
+    ("smoe", {"aux": {"lod": 1.0}}, r"'models\.m\.options\.aux\.lod': unknown auxiliary loss"),
+    ("smoe", {"aux": {"load": 1.0}}, r"'models\.m\.options\.aux': the load loss needs noise"),
+    ("smoe", {"expert_init": "default"}, r"'models\.m\.options\.expert_init': 'default' is not"),
+    ("smoe", {"filters": 2}, r"'models\.m\.options\.filters': 2 is greater than the maximum"),
+    ("smoe", {"gate": "fixed", "experts": 2}, r"'models\.m\.options\.experts': gate 'fixed'"),
+    (
+        "smoe",
+        {"hidden_layers": [{"experts": 2, "k": 3}]},
+        r"'models\.m\.options\.hidden_layers\[0\]': k=3 must be between 1 and experts=2",
+    ),
+    (
+        "smoe",
+        {"hidden_layers": [{"expertz": 2}]},
+        r"'models\.m\.options\.hidden_layers\[0\]\.expertz': unknown key of a hidden layer",
+    ),
+    ("smoe", {"colour": 1}, r"'models\.m\.options\.colour': unknown option of model kind 'smoe'"),
+    ("smoe", {"mask": [[0]]}, r"'models\.m\.options\.mask': unknown option"),
+    ("smoe", {"activation": "softplus"}, r"'models\.m\.options\.activation': 'softplus'"),
+    ("smoe", {"hidden_activation": "softplus"}, r"'models\.m\.options\.hidden_activation'"),
+    ("smoe", {"rc_signal": "loss"}, r"'models\.m\.options\.rc_signal': 'loss' is not one of"),
+    ("smoe", {"error_scale": "mae"}, r"'models\.m\.options\.error_scale': 'mae' is not valid"),
+    ("cnn", {"hidden": [0]}, r"'models\.m\.options\.hidden\[0\]': 0 is less than the minimum"),
+    ("cnn", {"hidden": 4}, r"'models\.m\.options\.hidden': 4 is not of type 'array'"),
+    ("cnn", {"hidden": [True]}, r"'models\.m\.options\.hidden\[0\]': True is not of type"),
+    ("cnn", {"kernel_size": 4}, r"'models\.m\.options\.kernel_size': 4 is not odd"),
+    ("cnn", {"activation": "softplus"}, r"'models\.m\.options\.activation': 'softplus'"),
+    ("cnn", {"init": "xavier"}, r"'models\.m\.options\.init': 'xavier' is not one of"),
+    ("coordconv", {"coords": "all"}, r"'models\.m\.options\.coords': 'all' is not one of"),
+    ("condconv", {"experts": 0}, r"'models\.m\.options\.experts': 0 is less than the minimum"),
+    ("convlcn", {"hidden": [3]}, r"'models\.m\.options\.hidden': \[3\] is not of type 'integer'"),
+    ("convlcn", {"lcn_kernel_size": 2}, r"'models\.m\.options\.lcn_kernel_size': 2 is not odd"),
+    ("lcn", {"kernel_size": 2}, r"'models\.m\.options\.kernel_size': 2 is not odd"),
+    ("mlp", {"hidden": [-1]}, r"'models\.m\.options\.hidden\[0\]': -1 is less than"),
+    ("mlp", {"batchnorm": True}, r"'models\.m\.options\.batchnorm': unknown option of model kind"),
+    ("stencil", {"diffusivity": 0.3}, r"'models\.m\.options\.diffusivity': 0\.3 is not valid"),
+    ("stencil", {"diffusivity": "worst"}, r"'models\.m\.options\.diffusivity': 'worst' is not"),
+    ("persistence", {"hidden": [4]}, r"'models\.m\.options\.hidden': unknown option of model"),
+    ("generator", {"x": 1}, r"'models\.m\.options\.x': unknown option of model kind 'generator'"),
+]
+
+
+@pytest.mark.parametrize("kind, options, message", REFUSED_BY_BOTH)
+def test_bad_options_are_refused_at_validation_as_the_model_would(kind, options, message):
+    with pytest.raises(InputError, match=message):
+        validate_config({"models": {"m": {"kind": kind, "options": options}}})
+    with pytest.raises(InputError):  # what the train job would have said, too late
+        build(kind, options)
+
+
+@pytest.mark.parametrize(
+    "kind, options, message",
+    [  # the constructors do not refuse these, but the model cannot work with them
+        ("smoe", {"kernel_size": 4}, r"'models\.m\.options\.kernel_size': 4 is not odd"),
+        ("smoe", {"aux": {"importance": -1}}, r"'models\.m\.options\.aux\.importance': -1 is"),
+        ("smoe", {"rc_weight": -1}, r"'models\.m\.options\.rc_weight': -1 is less than"),
+        ("smoe", {"error_scale": 0}, r"'models\.m\.options\.error_scale': 0 is not valid"),
+        (
+            "smoe",
+            {"gate_options": {"init_scale": -1}},
+            r"'models\.m\.options\.gate_options\.init_scale': -1 is less than the minimum",
+        ),
+        (
+            "smoe",
+            {"noise": True, "experts": 2, "k": 2, "aux": {"load_shazeer": 1}},
+            r"'models\.m\.options\.aux': the load_shazeer loss needs more experts than k",
+        ),
+    ],
+)
+def test_options_the_model_cannot_use_are_refused(kind, options, message):
+    with pytest.raises(InputError, match=message):
+        validate_config({"models": {"m": {"kind": kind, "options": options}}})
+
+
+def test_every_bad_model_is_reported_at_once():
+    with pytest.raises(InputError) as info:
+        validate_config(
+            {
+                "models": {
+                    "a": {"kind": "smoe", "options": {"quantile": 2}},
+                    "b": {"kind": "cnn", "options": {"kernel_size": 2}},
+                    "c": {"kind": "nope"},
+                }
+            }
+        )
+    text = str(info.value)
+    assert "models.a.options.quantile" in text and "models.b.options.kernel_size" in text
+    assert "'models.c.kind': unknown model kind 'nope'" in text
+
+
+# --- selection metrics: exactly what the evaluation computes -------------------------------
+
+
+@pytest.mark.parametrize("rtol", [0.01, 0.001, 0.05, 0.0012, 1e-4, 0.1, 0.333, 2.5])
+def test_metric_names_follow_the_metric_code(rtol):
+    assert close_metric_name(rtol) == close_name(rtol)
+    assert close_metric_name(rtol, scaled=True) == close_name(rtol, scaled=True)
+
+
+@pytest.mark.parametrize(
+    "types, rtols, scale",
+    [(3, (0.01,), (0.01, 0.1, 1.0)), (1, (0.01, 0.05), None), (4, (0.001, 0.001), (1,) * 4)],
+)
+def test_computable_metrics_are_the_computed_ones(types, rtols, scale):
+    mask = torch.arange(types * 4).reshape(types, 4) % types
+    accumulator = MetricAccumulator(mask, rtols, scale)
+    accumulator.update(torch.rand(2, 1, types, 4), torch.rand(2, 1, types, 4))
+    assert computable_metrics(types, rtols, scale is not None) == list(accumulator.compute())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"train": {"select": {"metric": "mask5-prcntclose1.0"}}},
+            r"'train\.select\.metric': 'mask5-prcntclose1\.0' names region type 5, which does "
+            r"not exist: mask\.types=3",
+        ),
+        (
+            {"train": {"select": {"metric": "prcntclose5.0"}}},
+            r"'train\.select\.metric': 'prcntclose5\.0' is not computed with evaluate\.rtols",
+        ),
+        (
+            {
+                "train": {"select": {"metric": "prcntclose1.0s"}},
+                "evaluate": {"region_rtol_scale": None},
+            },
+            r"'train\.select\.metric': 'prcntclose1\.0s' is not computed",
+        ),
+        (
+            {"models": {"m": {"kind": "cnn", "train": {"select": {"metric": "mask3-mse"}}}}},
+            r"'models\.m\.train\.select\.metric': 'mask3-mse' names region type 3",
+        ),
+    ],
+)
+def test_selection_metric_must_be_computed(change, message):
+    config = {**ONE_MODEL, **change}
+    with pytest.raises(InputError, match=message):
+        validate_config(config)
+
+
+def test_computed_selection_metrics_pass():
+    for metric in ("mask2-prcntclose5.0s", "prcntclose0.1", "vrmse", "mask0-mse"):
+        select = {"train": {"select": {"metric": metric}}, "evaluate": {"rtols": [0.05, 0.001]}}
+        validate_config({**ONE_MODEL, **select})
+
+
+# --- data, map, seeds, names, results, empty configs ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"data": {"context": 5}, "heat": {"steps": 5}},
+            r"'data\.context': 5 previous frames need runs of at least 7 frames, but "
+            r"heat\.steps=5 gives 6",
+        ),
+        (
+            {"models": {"m": {"kind": "cnn", "data": {"context": 4}}}, "heat": {"steps": 4}},
+            r"'models\.m\.data\.context': 4 previous frames",
+        ),
+        ({"mask": {"height": 1, "width": 2}}, r"'mask': a 1 x 2 map has 2 cells, too few for"),
+        (
+            {"mask": {"height": 2, "width": 2, "seed": 0}},
+            r"'mask\.seed': the map generated with seed 0 \(2 x 2, 3 types\): region types \[",
+        ),
+        ({"seeds": [0, 1, 0]}, r"'seeds': \[0, 1, 0\] has non-unique elements"),
+        ({"run": ["p", "p"]}, r"'run': \['p', 'p'\] has non-unique elements"),
+        ({"run": []}, r"'run': \[\] should be non-empty"),
+        ({"models": {"a/b": {"kind": "cnn"}}}, r"'models\.a/b': the name 'a/b' is not safe"),
+        ({"models": {".hidden": {"kind": "cnn"}}}, r"'models\.\.hidden': the name '\.hidden'"),
+        ({"models": {}}, r"'models': no models are defined"),
+        (
+            {"evaluate": {"region_rtol_scale": [1, 1]}},
+            r"'evaluate\.region_rtol_scale': 2 values for mask\.types=3",
+        ),
+        ({"evaluate": {"region_rtol_scale": "viscosity"}}, r"'evaluate\.region_rtol_scale'"),
+    ],
+)
+def test_cross_key_errors_name_the_key(change, message):
+    with pytest.raises(InputError, match=message):
+        validate_config({**ONE_MODEL, **change})
+
+
+def test_an_empty_config_is_refused():
+    with pytest.raises(InputError, match=r"'models': no models are defined"):
+        validate_config({})
+
+
+def test_an_empty_or_comment_only_file_is_refused(tmp_path):
+    for text in ("", "# nothing yet\n"):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(InputError, match=r"is empty or holds only comments"):
+            load_config(path)
+
+
+def test_results_must_not_be_a_file(tmp_path):
+    afile = tmp_path / "taken"
+    afile.write_text("mine")
+    for results, message in (
+        (afile, "is an existing file"),
+        (afile / "sub", "lies under .*taken', which is an existing file"),
+    ):
+        with pytest.raises(InputError, match=rf"'results': .*{message}"):
+            validate_config({**ONE_MODEL, "results": str(results)})
+    assert afile.read_text() == "mine"
+    validate_config({**ONE_MODEL, "results": str(tmp_path / "new" / "folder")})
+
+
+# --- defaults that fit any number of region types -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "diffusivity", [[0.25], [0.1, 0.2], [0.001, 0.01, 0.1, 0.2], [0.0, 0.0], [0.0, 0.1, 0.05]]
+)
+def test_changing_only_the_types_and_diffusivities_gives_a_valid_config(diffusivity):
+    """The user's edit of mask.types (and heat.diffusivity to match) needs nothing else: the
+    default region_rtol_scale follows the diffusivities and the evaluation accepts it."""
+    types = len(diffusivity)
+    config = validate_config(
+        {**ONE_MODEL, "mask": {"types": types}, "heat": {"diffusivity": diffusivity}}
+    )
+    scale = config["evaluate"]["region_rtol_scale"]
+    assert scale == region_rtol_scale_of(diffusivity) and len(scale) == types
+    assert max(scale) == 1.0
+    mask = torch.arange(types * 3).reshape(types, 3) % types
+    MetricAccumulator(mask, config["evaluate"]["rtols"], scale)  # what evaluation builds
+
+
+def test_region_rtol_scale_can_be_given_or_skipped():
+    given = validate_config({**ONE_MODEL, "evaluate": {"region_rtol_scale": [1, 0.5, 0.25]}})
+    assert given["evaluate"]["region_rtol_scale"] == [1, 0.5, 0.25]
+    none = validate_config({**ONE_MODEL, "evaluate": {"region_rtol_scale": None}})
+    assert none["evaluate"]["region_rtol_scale"] is None
+
+
+# --- train.device: cuda without a GPU -----------------------------------------------------
+
+CUDA = {**ONE_MODEL, "train": {"device": "cuda"}}
+
+
+def test_cuda_without_a_gpu_is_refused_for_a_local_run(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, as for PyTorch
+    monkeypatch.delenv("SMOE_GPU_CHECK", raising=False)
+    with pytest.raises(InputError, match=r"'train\.device': 'cuda' \(model p\), but no GPU is "):
+        validate_config(CUDA)
+    with pytest.raises(InputError, match=r"CUDA_VISIBLE_DEVICES='' hides every GPU"):
+        validate_config(CUDA, gpu="local")
+
+
+def test_cuda_without_a_gpu_is_a_warning_for_a_cluster_run(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    warnings = []
+    validate_config(CUDA, gpu="cluster", executor="slurm", warn=warnings.append)
+    assert len(warnings) == 1
+    assert "'train.device'" in warnings[0] and "'slurm' executor" in warnings[0]
+    assert "expected on the cluster nodes" in warnings[0]
+    validate_config(CUDA, gpu="skip", warn=warnings.append)  # inside a job: not checked
+    monkeypatch.setenv("SMOE_GPU_CHECK", "cluster")
+    validate_config(CUDA, warn=warnings.append)
+    assert len(warnings) == 2
+    monkeypatch.setenv("SMOE_GPU_CHECK", "sometimes")
+    with pytest.raises(InputError, match="SMOE_GPU_CHECK='sometimes' is not one of"):
+        validate_config(CUDA)
+
+
+def test_a_model_override_names_its_own_device_key(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    config = {"models": {"p": {"kind": "persistence", "train": {"device": "cuda"}}}}
+    with pytest.raises(InputError, match=r"'models\.p\.train\.device': 'cuda'"):
+        validate_config(config, gpu="local")
+
+
+def test_cpu_and_auto_never_look_for_a_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for device in ("cpu", "auto"):
+        validate_config({**ONE_MODEL, "train": {"device": device}}, gpu="local")
+
+
+def test_validation_does_not_import_torch():
+    code = (
+        "import sys, smoe.config as c; "
+        "c.validate_config({'models': {'s': {'kind': 'smoe', 'options': {'gate': 'conv'}}}}); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+# --- strings from `snakemake --config` ----------------------------------------------------
+
+
+def test_strings_where_the_schema_wants_other_types_are_read_as_yaml():
+    config = validate_config(
+        {
+            "models": {
+                "s": {
+                    "kind": "smoe",
+                    "options": {"quantile": "0.5", "noise": "true", "gate_options": None},
+                    "train": {"lr": "1e-3"},
+                },
+                "c": {"kind": "cnn", "options": {"hidden": ["2", "3"], "kernel_size": "5"}},
+            },
+            "train": {"lr": "0.05", "epochs": "3", "stop_at": "null", "device": "cpu"},
+            "mask": {"file": "null"},
+            "seeds": ["0", "1"],
+            "evaluate": {"region_rtol_scale": ["0.1", "1", "1"]},
+        }
+    )
+    assert config["train"]["lr"] == 0.05 and config["train"]["epochs"] == 3
+    assert config["train"]["stop_at"] is None and config["train"]["device"] == "cpu"
+    assert config["mask"]["file"] is None and config["seeds"] == [0, 1]
+    assert config["models"]["s"]["options"]["quantile"] == 0.5
+    assert config["models"]["s"]["options"]["noise"] is True
+    assert config["models"]["s"]["train"]["lr"] == 0.001
+    assert config["models"]["c"]["options"] == {"hidden": [2, 3], "kernel_size": 5}
+    assert config["evaluate"]["region_rtol_scale"] == [0.1, 1, 1]
+    # a string that is not a number stays one, and is named with its key
+    with pytest.raises(InputError, match=r"'train\.lr': 'fast' is not of type 'number'"):
+        validate_config({**ONE_MODEL, "train": {"lr": "fast"}})
+    with pytest.raises(InputError, match=r"'train\.lr': -1 is less than or equal to"):
+        validate_config({**ONE_MODEL, "train": {"lr": "-1"}})
+
+
+# --- smoe train --spec: the same checks, on the real command line --------------------------
+
+
+@pytest.fixture(scope="module")
+def spec_stores(tmp_path_factory, small_mask):
+    folder = tmp_path_factory.mktemp("spec")
+    params = HeatParams((0.0025, 0.025, 0.25), steps=3)
+    return {
+        split: simulate_split(
+            small_mask, params, seed, 2, folder / f"{split}.zarr", split=split, progress=False
+        )
+        for split, seed in (("train", 1), ("val", 2))
+    }
+
+
+def good_spec(kind="cnn", options=None):
+    config = validate_config({"models": {"m": {"kind": kind, "options": options or {}}}})
+    return model_spec(config, "m").to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"options": {"kernel_size": 2}}, r"--spec key 'options\.kernel_size': 2 is not odd"),
+        ({"name": "../up"}, r"--spec key 'name': '\.\./up' is not safe"),
+        ({"kind": "rnn"}, r"--spec key 'kind': unknown model kind 'rnn'"),
+        ({"extra": 1}, r"--spec key 'extra': unknown key"),
+        ({"train": {"lr": 0}}, r"--spec key 'train\.lr': 0 is less than or equal to"),
+        ({"data": {"context": 3}}, r"--spec key 'data\.context': 3 previous frames .*steps=3"),
+        (
+            {"train": {"select": {"metric": "mask4-mse"}}},
+            r"--spec key 'train\.select\.metric': 'mask4-mse' names region type 4",
+        ),
+        (
+            {"kind": "smoe", "options": {"gate": "fixed", "experts": 2}},
+            r"--spec key 'options\.experts': gate 'fixed' .* fewer than the map's 3",
+        ),
+    ],
+)
+def test_train_spec_is_validated_like_the_workflow(spec_stores, change, message):
+    """What `smoe train --spec` runs first (tests/workflow/test_bad_config.py runs the
+    command itself): the workflow's checks of a model, the store giving types and steps."""
+    with pytest.raises(InputError, match=message):
+        validate_spec({**good_spec(), **change}, spec_stores["train"])
+
+
+def test_a_workflow_spec_passes_and_fills_nothing_new():
+    spec = good_spec("smoe", {"gate": "latent", "rc_loss": True})
+    assert validate_spec(spec).to_dict() == spec
+    with pytest.raises(InputError, match=r"--spec must be a JSON object"):
+        validate_spec([spec])

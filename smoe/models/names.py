@@ -29,3 +29,13 @@ GATE_NAMES = (
     "lcn1",
     "fixed",
 )
+
+# Choices of model options, for checking a config's options without PyTorch; tests keep each
+# equal to the list the model code uses (named in the comment).
+LAYER_ACTIVATIONS = ("relu", "gelu", "tanh", "identity")  # smoe.models.layers.ACTIVATIONS
+ROUTING_ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")  # smoe.models.routing.ACTIVATIONS
+RC_SIGNALS = ("score", "output")  # smoe.models.routing.RC_SIGNALS
+EXPERT_INITS = ("reference", "pytorch", "identity")  # smoe.models.smoe.EXPERT_INITS
+AUX_LOSSES = ("importance", "load", "spatial", "load_shazeer", "smoothness")  # smoe.models.smoe
+BASELINE_INITS = ("reference", "pytorch")  # smoe.models.baselines.INITS
+COORDS = ("every", "first")  # smoe.models.baselines.COORDS

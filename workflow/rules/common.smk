@@ -11,15 +11,69 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
-from smoe.config import SPLITS, Config, model_spec, models_to_run, validate_config
+from smoe.config import (
+    SPLITS,
+    Config,
+    gpu_check_mode,
+    model_spec,
+    models_to_run,
+    validate_config,
+)
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
 from smoe.stale import stale_outputs
 
+
+def _executor():
+    """The executor this run targets: --executor, or a profile's `executor:` (None when
+    Snakemake runs through its Python API).
+
+    Snakemake 9 sets workflow.executor_plugin only after the Snakefile is parsed (and to
+    the dry-run executor under -n), so the command line Snakemake parsed, profiles
+    included, is read from the frame of snakemake.cli.args_to_api, which parses this file.
+    """
+    frame = sys._getframe()
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "args_to_api" and code.co_filename.endswith(
+            os.path.join("snakemake", "cli.py")
+        ):
+            return getattr(frame.f_locals.get("args"), "executor", None)
+        frame = frame.f_back
+    return None
+
+
+def _gpu_check(executor):
+    """train.device: cuda without a GPU here is an error for a local run, a warning when
+    the executor sends jobs elsewhere, and not checked again inside a job (the main
+    process checked). SMOE_GPU_CHECK=local|cluster|skip overrides."""
+    if workflow.exec_mode.name != "DEFAULT":
+        return "skip"
+    if executor in (None, "local", "dryrun", "touch"):
+        return gpu_check_mode("local")
+    try:
+        from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
+
+        plugin = ExecutorPluginRegistry().get_plugin(executor)
+        local = not plugin.common_settings.non_local_exec
+    except Exception:  # an unknown plugin: Snakemake itself refuses it after parsing
+        local = False
+    return gpu_check_mode("local" if local else "cluster")
+
+
+# A refused config ends the run here, before any job is planned, with one message per bad
+# key and no traceback: exiting is what keeps Snakemake from printing one.
 try:
-    _validated = validate_config(config)
+    _executor_name = _executor()
+    _validated = validate_config(
+        config,
+        gpu=_gpu_check(_executor_name),
+        executor=_executor_name,
+        warn=lambda message: logger.warning(f"warning: {message}"),
+    )
 except InputError as _error:
-    raise WorkflowError(str(_error)) from None
+    logger.error(str(_error))
+    raise SystemExit(1) from None
 config.clear()
 config.update(_validated)
 CFG = Config.from_dict(config)
