@@ -8,6 +8,7 @@ traceback, and leave every file and folder of the results byte for byte and mtim
 mtime as it was.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -317,3 +318,23 @@ def test_smoe_train_refuses_a_bad_spec_naming_the_key(repo, built, tmp_path, cha
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+    reason="needs the slurm extra: pip install -e '.[slurm]'",
+)
+def test_a_cluster_profile_makes_cuda_a_warning(repo, built):
+    """The executor is read from the command line Snakemake parsed (here a profile's
+    `executor: slurm`)."""
+    config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
+    config["train"]["device"] = "cuda"
+    configfile = built.parent / f"{built.name}-slurm.yaml"
+    configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    profile = str(repo / "profiles" / "slurm")
+    result = snakemake(
+        repo, built, "-n", "--profile", profile, configfile=configfile, env=CUDA_HIDDEN
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-2000:]
+    assert "the run targets the 'slurm' executor, so the GPU is expected on the cluster" in out
