@@ -399,6 +399,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     if result["routing"]:
         line += f", routing agreement = {result['routing']['agreement']:.2f} %"
     print(line)
+    if args.routing_map is not None and not result["routing"]:
+        print(f"no routing map written to {args.routing_map}: {result['model']} has no SMoE layer")
 
 
 def _add_aggregate(sub: argparse._SubParsersAction) -> None:
@@ -591,6 +593,13 @@ def check_paths(args: argparse.Namespace) -> None:
         seen[resolved] = path
 
 
+def _one_line_message(exc: InputError) -> str:
+    """A message listing several problems (one per line) as one line, joined by '; '."""
+    first, *rest = str(exc).splitlines() or [""]
+    rest = [line.strip() for line in rest if line.strip()]
+    return " ".join([first.rstrip(), "; ".join(rest)]) if rest else first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -599,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_paths(args)
         args.run(args)
     except InputError as exc:
-        print(f"{prefix} {exc}", file=sys.stderr)
+        print(f"{prefix} {_one_line_message(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only folder, a full disk, a file that went away
         print(f"{prefix} {describe_os_error(exc)}", file=sys.stderr)

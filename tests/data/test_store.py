@@ -135,6 +135,111 @@ def test_missing_or_unfinished_store_is_named(tmp_path):
         open_store(tmp_path / "test.zarr")
 
 
+def test_an_existing_output_is_replaced_only_if_it_is_a_store_and_overwrite_is_given(
+    tmp_path, store, small_mask
+):
+    def simulate(out, **options):
+        return simulate_split(small_mask, PARAMS, 3, 2, out, progress=False, **options)
+
+    existing = tmp_path / "val.zarr"
+    shutil.copytree(store, existing)
+    with pytest.raises(InputError, match="already exists; nothing was changed: pass --overwrite"):
+        simulate(existing)
+    assert open_store(existing).sizes["run"] == 7
+    simulate(existing, overwrite=True)
+    assert open_store(existing).sizes["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.zarr"]  # no .previous/.partial
+    # Anything that is not a store is never moved aside or deleted, even with overwrite.
+    (tmp_path / "file.zarr").write_text("mine")
+    (tmp_path / "folder.zarr").mkdir()
+    (tmp_path / "folder.zarr" / "notes.txt").write_text("mine too")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="exists and is a file, not a zarr store"):
+            simulate(tmp_path / "file.zarr", overwrite=overwrite)
+        with pytest.raises(InputError, match="exists and is not a zarr store"):
+            simulate(tmp_path / "folder.zarr", overwrite=overwrite)
+    assert (tmp_path / "file.zarr").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "folder.zarr").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "folder.zarr", "val.zarr"]
+
+
+def test_atomic_outputs_refuse_the_wrong_kind_before_the_block_runs(tmp_path):
+    from smoe.atomic import atomic_directory, atomic_file, check_output
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    ran = []
+    with pytest.raises(InputError, match="is a file"), atomic_directory(tmp_path / "file"):
+        ran.append(1)
+    with pytest.raises(InputError, match="is a folder"), atomic_file(tmp_path / "folder"):
+        ran.append(1)
+    with pytest.raises(InputError, match="'.*file' is a file, not a folder"):
+        with atomic_file(tmp_path / "file" / "below" / "x.json"):
+            ran.append(1)
+    assert ran == [] and (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_output(tmp_path / "file" / "x.npy")
+    with pytest.raises(InputError, match="is a folder, where a file is written"):
+        check_output(tmp_path / "folder")
+    assert check_output(tmp_path / "new" / "deeper" / "x.npy") == tmp_path / "new/deeper/x.npy"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def _damaged_copy(store, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(store, copy)
+    return copy
+
+
+def test_damaged_stores_are_refused_naming_the_file_or_chunk(tmp_path, store):
+    missing = _damaged_copy(store, tmp_path, "missing.zarr")
+    (missing / "u" / "c" / "3" / "0" / "0" / "0").unlink()
+    # zarr alone reads a missing chunk as the fill value, NaN, without a word
+    assert np.isnan(xr.open_zarr(missing, consolidated=False)["u"][6].values).all()
+    with pytest.raises(InputError, match=r"chunk u/c/3/0/0/0 of the field is missing; regen"):
+        open_store(missing)
+    no_meta = _damaged_copy(store, tmp_path, "nometa.zarr")
+    (no_meta / "diffusivity" / "zarr.json").unlink()
+    with pytest.raises(InputError, match=r"metadata diffusivity/zarr.json .* is missing"):
+        open_store(no_meta)
+    garbled = _damaged_copy(store, tmp_path, "garbled.zarr")
+    (garbled / "u" / "zarr.json").write_text("{")
+    with pytest.raises(InputError, match=r"u/zarr.json of array 'u' is unreadable or garbled"):
+        open_store(garbled)
+    no_mask = _damaged_copy(store, tmp_path, "nomask.zarr")
+    shutil.rmtree(no_mask / "mask")
+    with pytest.raises(InputError, match="has no array 'mask'"):
+        open_store(no_mask)
+    with pytest.raises(InputError, match="is a file, not a zarr store"):
+        open_store(tmp_path / "nomask.zarr" / "zarr.json")
+
+
+def test_undecodable_chunks_are_named_when_read(tmp_path, store):
+    from smoe.data.store import bad_field_chunks, field_reads
+
+    truncated = _damaged_copy(store, tmp_path, "truncated.zarr")
+    chunk = truncated / "u" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:16])
+    assert [key for key, _ in bad_field_chunks(truncated)] == ["u/c/1/0/0/0"]
+    ds = open_store(truncated)  # the chunk exists: only reading it fails
+    with pytest.raises(InputError, match=r"'.*truncated.zarr': chunk u/c/1/0/0/0 cannot be read"):
+        with field_reads(truncated):
+            ds["u"].values  # noqa: B018
+    with pytest.raises(InputError, match="chunk u/c/1/0/0/0 cannot be read"):
+        export_netcdf(truncated, tmp_path / "out.nc", progress=False)
+    assert not (tmp_path / "out.nc").exists() and not (tmp_path / "out.nc.partial").exists()
+
+
+def test_export_refuses_non_finite_values(tmp_path, store):
+    import zarr
+
+    broken = _damaged_copy(store, tmp_path, "nan.zarr")
+    zarr.open_array(broken / "u", mode="r+")[5, 1, 2, 3:5] = [np.nan, np.inf]
+    with pytest.raises(InputError, match=r"nan.zarr': field u has 2 non-finite .* \(run 5: 2\)"):
+        export_netcdf(broken, tmp_path / "nan.nc", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.zarr"]
+
+
 def test_snakemakes_timestamp_file_is_ignored_and_nothing_else(tmp_path, store):
     # Snakemake leaves `.snakemake_timestamp` in every directory output it finishes.
     marked = tmp_path / "marked.zarr"
