@@ -415,16 +415,20 @@ def test_bad_model_config_is_named(model, message):
 
 
 def test_selection_metric_must_be_computed(stores, tmp_path):
-    spec = cnn_spec(epochs=1, select={"metric": "prcntclose7.0", "mode": "max"})
-    assert spec.evaluate["rtols"] == [0.01]
+    """Refused when the config is validated, before any job; and by the trainer too for a
+    spec that bypassed validation."""
+    with pytest.raises(InputError, match=r"'train.select.metric': 'prcntclose7\.0' is not"):
+        cnn_spec(epochs=1, select={"metric": "prcntclose7.0", "mode": "max"})
+    spec = cnn_spec(epochs=1)
+    spec.train["select"]["metric"] = "prcntclose7.0"
     with pytest.raises(InputError, match=r"'prcntclose7\.0'.*available:.*prcntclose1\.0"):
         run(spec, stores, tmp_path)
+    assert not (tmp_path / "best.pt").exists()
 
 
 def test_selection_metric_must_be_computed_for_persistence(stores, tmp_path):
-    spec = make_spec(
-        "persistence", name="persistence", select={"metric": "prcntclose7.0", "mode": "max"}
-    )
+    spec = make_spec("persistence", name="persistence")
+    spec.train["select"]["metric"] = "prcntclose7.0"
     with pytest.raises(InputError, match=r"'prcntclose7\.0'.*available:"):
         run(spec, stores, tmp_path)
 
