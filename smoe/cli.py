@@ -237,7 +237,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", type=Path, help="input zarr store")
     p.add_argument("out", type=Path, help="output netCDF file (.nc)")
-    p.add_argument("--workers", type=int, default=1, help="dask threads (default 1)")
+    p.add_argument("--workers", type=_positive, default=1, help="dask threads (default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_run_export)
 
@@ -494,7 +494,9 @@ def _run_figure(args: argparse.Namespace) -> None:
     elif args.kind == "curves":
         paths = figures.learning_curves_figure(figures.load_histories(args.histories), args.out)
     elif args.kind == "bars":
-        paths = figures.metric_bars_figure(figures.load_metrics(args.metrics), args.out)
+        paths = figures.metric_bars_figure(
+            figures.load_metrics(args.metrics), args.out, sources=args.metrics
+        )
     else:
         paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out, args.metrics)
     print("wrote " + ", ".join(str(path) for path in paths))
@@ -612,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a read-only folder, a full disk, a file that went away
         print(f"{prefix} {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:  # a size asked for that this machine cannot hold
+        print(f"{prefix} not enough memory ({one_line(exc) or 'MemoryError'})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"smoe {args.command}: interrupted", file=sys.stderr)

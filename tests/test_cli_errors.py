@@ -79,14 +79,19 @@ def work(pristine, tmp_path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root``: a file's SHA-256, or 'folder'."""
+    """Every path under ``root``: a file's SHA-256 (size and time if this user may not read
+    it), or 'folder'."""
     tree = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
         if path.is_dir():
             tree[key] = "folder"
-        else:
+            continue
+        try:
             tree[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except PermissionError:
+            stat = path.stat()
+            tree[key] = f"unreadable, {stat.st_size} bytes, modified {stat.st_mtime_ns}"
     return tree
 
 
@@ -239,6 +244,38 @@ def test_read_only_output_folder(work, read_only, case):
     assert_refused(work, args[0], args, expect, honour_permissions=True)
 
 
+UNREADABLE = {
+    # an operating-system error no check foresaw: the generic one-line handler
+    "check-config": (
+        ["check-config", "secret.yaml"],
+        "cannot use 'secret.yaml': Permission denied",
+    ),
+    "metrics": (
+        ["aggregate", "secret.json", "--out-dir", "tables"],
+        "metrics file 'secret.json' cannot be read (Permission denied)",
+    ),
+    "store-chunk": (
+        ["export", "val.zarr", "x.nc", "--no-progress"],
+        "chunk u/c/0/0/0/0 cannot be read: permission denied",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_unreadable_input(work, read_only, case):
+    args, expect = UNREADABLE[case]
+    (work / "secret.yaml").write_text("seeds: [0]\n")
+    (work / "secret.json").write_text((work / "metrics.json").read_text())
+    unreadable = [work / "secret.yaml", work / "secret.json", work / "val.zarr/u/c/0/0/0/0"]
+    for path in unreadable:
+        path.chmod(0o000)
+    try:
+        assert_refused(work, args[0], args, expect, honour_permissions=True)
+    finally:
+        for path in unreadable:
+            path.chmod(0o644)
+
+
 KIND_MISMATCH = {
     "mask-onto-folder": (["mask", "--height", "8", "--width", "8", "--out", "models"], "folder"),
     "export-onto-folder": (["export", "val.zarr", "models.nc"], "folder"),
@@ -313,6 +350,7 @@ FILES = {
     "bin.json": bytes(range(256)),
     "h.csv": "epoch,train_loss\n0,0.5\n1,lots\n",
     "g.nc": b"CDF\x02 not really netCDF",
+    "empty.json": '{"model": "cnn", "metrics": {}}',
     "models/cnn/seed1/history.csv": "epoch,train_loss,val_mse\n",
 }
 """Malformed inputs, written into the workspace before a case runs."""
@@ -375,6 +413,10 @@ BAD_INPUTS = {
     "kernels-without-smoe": (
         ["figure", "kernels", "--metrics", "metrics.json"],
         "kernels figure: none of the metrics files 'metrics.json' has learned 3x3 kernels",
+    ),
+    "bars-without-any-metric": (
+        ["figure", "bars", "--metrics", "empty.json"],
+        "metric bars: none of the metrics files 'empty.json' has a value of prcntclose1.0",
     ),
     "curves-of-an-empty-history": (
         ["figure", "curves", "--histories", HISTORY, "models/cnn/seed1/history.csv"],

@@ -432,6 +432,11 @@ def _check_chunks(path: Path, name: str, array) -> None:
 
 def chunk_read_error(path: str | Path, key: str, exc: BaseException) -> InputError:
     """The error for a field chunk that cannot be read or decoded."""
+    if isinstance(exc, PermissionError):
+        return InputError(
+            f"store {str(path)!r}: chunk {key} cannot be read: permission denied; give this "
+            f"user read access to {str(Path(path) / key)!r}, or {regenerate_hint(path)}"
+        )
     reason = one_line(exc) or type(exc).__name__
     return InputError(
         f"store {str(path)!r}: chunk {key} cannot be read ({type(exc).__name__}: {reason}); it "

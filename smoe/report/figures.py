@@ -658,13 +658,22 @@ def metric_bars_figure(
     summary: list[dict[str, Any]],
     out: str | Path,
     metrics: Sequence[str] = ("prcntclose1.0", "prcntclose1.0s", "nrmse"),
+    sources: Sequence[str | Path] | None = None,
 ) -> tuple[Path, Path]:
     """One bar chart per metric: mean over seeds per model with std error bars.
 
     nrmse spans orders of magnitude between a matched SMoE and the baselines, so it (and any
-    other error metric whose name ends in 'mse') is drawn on a log axis.
+    other error metric whose name ends in 'mse') is drawn on a log axis. A metric that no
+    result has is drawn as 'n/a'; when no result has any of ``metrics`` an InputError names
+    the inputs (``sources``, the files of ``summary`` in order).
     """
     stats = metric_stats(summary, metrics)
+    if not any(stat.n for per_model in stats.values() for stat in per_model.values()):
+        names = _sources(summary, sources)
+        raise InputError(
+            f"metric bars: none of the {_described(names, sources)} has a value of "
+            f"{', '.join(metrics)}; nothing to draw"
+        )
     models = list(stats)
     colours = model_colours(models)
     fig = new_figure(max(3.6 * len(metrics), 5), 3.9)

@@ -354,6 +354,8 @@ def test_figures_without_anything_to_draw_are_errors_not_placeholders(tmp_path):
         F.kernels_figure([no_kernels], tmp_path / "kernels")
     with pytest.raises(InputError, match="no history files"):
         F.learning_curves_figure({}, tmp_path / "curves")
+    with pytest.raises(InputError, match=r"metric bars: none of the metrics files 'a.json' has"):
+        F.metric_bars_figure([{"model": "x", "metrics": {}}], tmp_path / "bars", sources=["a.json"])
     assert list(tmp_path.iterdir()) == []
 
 
