@@ -414,10 +414,11 @@ def check_config(
         )
     try:
         typed.heat.validate("heat")
-    except InputError as exc:
-        lines.append(str(exc))
+    except InputError as exc:  # "heat.clip: ..." -> "config key 'heat.clip': ..."
+        lines.append(re.sub(r"^(heat[\w.\[\]]*): ", r"config key '\1': ", str(exc)))
     lines += _mask_errors(typed.mask)
     lines += _rtol_scale_errors(config)
+    _resolve_select_metrics(config)
     lines += check_models(config, schema)
     wanted: dict[str, list[str]] = {}
     for name, model in config["models"].items():
@@ -489,6 +490,22 @@ def _rtol_scale_errors(config: dict[str, Any]) -> list[str]:
             f"mask.types={types} region types (one factor per type, 'diffusivity' or null)"
         ]
     return []
+
+
+def default_select_metric(evaluate: dict[str, Any]) -> str:
+    """``train.select.metric: null``: prcntclose at the first of ``evaluate.rtols``."""
+    return close_metric_name(float(evaluate["rtols"][0]))
+
+
+def _resolve_select_metrics(config: dict[str, Any]) -> None:
+    """Write the default selection metric where ``train.select.metric`` is null, in the train
+    section and in every model override that sets it to null."""
+    metric = default_select_metric(config["evaluate"])
+    sections = [config["train"], *(model["train"] for model in config["models"].values())]
+    for train in sections:
+        select = train.get("select")
+        if isinstance(select, dict) and "metric" in select and select["metric"] is None:
+            select["metric"] = metric
 
 
 def region_rtol_scale_of(diffusivity) -> list[float]:
@@ -691,6 +708,8 @@ def validate_spec(
         types = len(diffusivity) if diffusivity else None
         steps = attrs.get("steps")
     evaluate = spec["evaluate"]
+    if spec["train"]["select"]["metric"] is None:
+        spec["train"]["select"]["metric"] = default_select_metric(evaluate)
     if evaluate["region_rtol_scale"] == "diffusivity":
         if diffusivity is None:
             lines.append(

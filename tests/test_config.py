@@ -100,8 +100,8 @@ def test_validation_does_not_modify_its_input():
             r"'heat.diffusivity': 2 values for mask.types=3 region types",
         ),
         ({"heat": {"boundary": "reflect"}}, r"'heat.boundary': 'reflect' is not one of"),
-        ({"heat": {"init": {"ranges": [[0, 1]]}}}, r"heat.init.ranges: 1 ranges for 3"),
-        ({"heat": {"clip": [1, 0]}}, r"heat.clip: \[1.0, 0.0\] needs low < high"),
+        ({"heat": {"init": {"ranges": [[0, 1]]}}}, r"'heat\.init\.ranges': 1 ranges for 3"),
+        ({"heat": {"clip": [1, 0]}}, r"'heat\.clip': \[1\.0, 0\.0\] needs low < high"),
         (
             {"mask": {"file": "nowhere/mask.npy"}},
             r"config key 'mask.file': mask file 'nowhere/mask.npy' does not exist",
@@ -368,6 +368,15 @@ def test_selection_metric_must_be_computed(change, message):
     config = {**ONE_MODEL, **change}
     with pytest.raises(InputError, match=message):
         validate_config(config)
+
+
+def test_the_default_selection_metric_follows_the_first_tolerance():
+    assert validate_config(ONE_MODEL)["train"]["select"]["metric"] == "prcntclose1.0"
+    config = validate_config({**ONE_MODEL, "evaluate": {"rtols": [0.05, 0.01]}})
+    assert model_spec(config, "p").train["select"] == {"metric": "prcntclose5.0", "mode": "max"}
+    override = {"models": {"p": {"kind": "persistence", "train": {"select": {"metric": None}}}}}
+    config = validate_config({**override, "train": {"select": {"metric": "mse", "mode": "min"}}})
+    assert model_spec(config, "p").train["select"] == {"metric": "prcntclose1.0", "mode": "min"}
 
 
 def test_computed_selection_metrics_pass():
