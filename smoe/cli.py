@@ -326,7 +326,7 @@ def _add_tune_lr(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="CSV of rate -> validation value")
     p.add_argument(
         "--epochs",
-        type=_positive,
+        type=int,
         default=None,
         help="epochs per training (default: the model's train.epochs in --config)",
     )
