@@ -322,10 +322,20 @@ def test_every_bad_model_is_reported_at_once():
 # --- selection metrics: exactly what the evaluation computes -------------------------------
 
 
-@pytest.mark.parametrize("rtol", [0.01, 0.001, 0.05, 0.0012, 1e-4, 0.1, 0.333, 2.5])
-def test_metric_names_follow_the_metric_code(rtol):
-    assert close_metric_name(rtol) == close_name(rtol)
-    assert close_metric_name(rtol, scaled=True) == close_name(rtol, scaled=True)
+@pytest.mark.parametrize(
+    "rtol, name",
+    [
+        (0.01, "prcntclose1.0"),
+        (0.001, "prcntclose0.1"),
+        (0.0012, "prcntclose0.12"),
+        (1e-4, "prcntclose0.01"),
+        (0.333, "prcntclose33.3"),
+        (2.5, "prcntclose250.0"),
+    ],
+)
+def test_metric_names_are_the_tolerance_in_percent(rtol, name):
+    assert close_metric_name(rtol) == close_name(rtol) == name
+    assert close_metric_name(rtol, scaled=True) == name + "s"
 
 
 @pytest.mark.parametrize(

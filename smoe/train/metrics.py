@@ -7,7 +7,7 @@ Training (validation and model selection), evaluation and reports all use
 * nrmse: per-sample ||pred - y|| / ||y||, averaged over samples (PDEBench's nRMSE);
 * vrmse: sqrt(mse / var(y)) (The Well's VRMSE; 1 = as good as predicting the mean);
 * prcntclose<100*rtol>: percentage of points with |pred - y| <= 1e-8 + rtol |y|; the
-  ``s`` variant scales rtol per region type (by default 0.01, 0.1, 1 for three types);
+  ``s`` variant scales rtol per region type (by default each type's diffusivity over the largest);
 * every metric again per region type, prefixed ``mask<t>-``.
 
 Sums are kept in float64 so that long test sets do not lose precision.
@@ -19,21 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
+from smoe.config import close_metric_name
+
 ATOL = 1e-8
-DEFAULT_REGION_RTOL_SCALE = (0.01, 0.1, 1.0)
-
-
 def close_name(rtol: float, scaled: bool = False) -> str:
-    """'prcntclose1.0' for rtol 0.01 (the paper's name: the tolerance in percent).
-
-    One decimal as the paper writes it, more when the tolerance needs them, so distinct
-    tolerances never share a name (0.001 -> 0.1, 0.0012 -> 0.12).
-    """
-    percent = rtol * 100
-    text = f"{percent:.1f}"
-    if float(text) != round(percent, 12):
-        text = f"{percent:.12g}"
-    return f"prcntclose{text}" + ("s" if scaled else "")
+    """'prcntclose1.0' for rtol 0.01 (the paper's name: the tolerance in percent); one rule,
+    shared with config validation (:func:`smoe.config.close_metric_name`)."""
+    return close_metric_name(rtol, scaled)
 
 
 class MetricAccumulator:
