@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smoe.atomic import write_text_atomic
+from smoe.atomic import atomic_file, write_text_atomic
 from smoe.config import ModelSpec
 from smoe.data.dataset import HeatPairs, Normalizer, loader
 from smoe.data.reference import reference_stencil
@@ -198,7 +198,8 @@ def evaluate_checkpoint(
         routing["expert_to_type"] = {str(k): v for k, v in routing["expert_to_type"].items()}
         result["routing"] = routing
         if routing_map is not None:
-            np.save(routing_map, np.asarray(routing["map"], dtype=np.int64))
+            with atomic_file(Path(routing_map)) as partial, open(partial, "wb") as handle:
+                np.save(handle, np.asarray(routing["map"], dtype=np.int64))
     if predictions_out is not None:
         from smoe.report.predictions import write_predictions
 

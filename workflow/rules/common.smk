@@ -153,13 +153,33 @@ def history_targets():
     ]
 
 
+def kernel_models():
+    """SMoE models whose experts are 3x3: only their kernels compare with the stencils."""
+    return [
+        m
+        for m in smoe_models()
+        if (config["models"][m].get("options") or {}).get("kernel_size", 3) == 3
+    ]
+
+
+def kernel_metrics_targets():
+    """Metrics of the SMoE models the kernels figure compares with the stencils."""
+    return [
+        f"{RESULTS}/metrics/{model}/seed{seed}.json"
+        for model in kernel_models()
+        for seed in SEEDS
+    ]
+
+
 def report_targets():
     """Tables and figures; the SMoE figures only when the config has an SMoE model."""
     if not MODELS:
         return []
     figures = ["predictions", "learning_curves", "metric_bars"]
     if smoe_models():
-        figures += ["routing", "kernels"]
+        figures += ["routing"]
+        if kernel_models():
+            figures += ["kernels"]
     targets = [f"{RESULTS}/tables/summary.csv"]
     for name in figures:
         targets += [f"{RESULTS}/figures/{name}.png", f"{RESULTS}/figures/{name}.svg"]

@@ -55,7 +55,7 @@ rule figure_routing:
 
 rule figure_kernels:
     input:
-        smoe_metrics_targets(),
+        kernel_metrics_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/kernels.png",
