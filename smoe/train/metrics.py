@@ -22,6 +22,8 @@ import torch
 from smoe.config import close_metric_name
 
 ATOL = 1e-8
+
+
 def close_name(rtol: float, scaled: bool = False) -> str:
     """'prcntclose1.0' for rtol 0.01 (the paper's name: the tolerance in percent); one rule,
     shared with config validation (:func:`smoe.config.close_metric_name`)."""
