@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from smoe.config import SPLITS
 from smoe.errors import InputError
-
-SPLITS = ("train", "val", "test")
 
 
 def stale_outputs(config: dict[str, Any]) -> list[str]:

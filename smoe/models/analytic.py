@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.data.heat import BOUNDARIES
 from smoe.errors import InputError
 
 
@@ -41,8 +42,8 @@ class _Analytic(nn.Module):
 
     def __init__(self, boundary: str) -> None:
         super().__init__()
-        if boundary not in ("zero", "wrap"):
-            raise InputError(f"boundary must be 'zero' or 'wrap', got {boundary!r}")
+        if boundary not in BOUNDARIES:
+            raise InputError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
         self.boundary = boundary
 
     def step(self, x: torch.Tensor, diffusivity: torch.Tensor) -> torch.Tensor:
