@@ -1,11 +1,12 @@
-"""Aggregation: every evaluation result into tables (CSV and Markdown), mean +- std over seeds.
+"""Aggregation: every evaluation result into tables (CSV, Markdown, HTML), mean +- std over seeds.
 
 Reads the metrics JSON of each model and seed (``smoe evaluate``) and writes, into one folder:
 
 * ``metrics_long.csv``: one row per model, seed and metric (the raw material);
 * ``summary.csv``: one row per model: seeds, and mean and std of every metric, overall and per
   region type, with the parameter count, training time and (SMoE) routing figures;
-* ``summary.md``: the headline table and a per-region table, for humans and the report.
+* ``summary.md`` and ``summary.html``: the headline table and a per-region table, for
+  humans (Markdown) and for `snakemake --report` (a standalone HTML page).
 
 Every row says where it comes from (``source``): ``ours`` for trained models, ``reference``
 for the analytic predictors (persistence, a single stencil, the true generator), which are
@@ -17,7 +18,6 @@ shown only when the evaluated test split is the one they were measured on.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,39 @@ import yaml
 from smoe.atomic import write_text_atomic
 from smoe.errors import InputError
 from smoe.models.names import ANALYTIC_KINDS
+from smoe.report.tables import Column, Table, html_page, markdown_table, mean_spread
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 HEADLINE = [
-    ("prcntclose1.0", "prcntclose1.0 (%)", "{:.2f}"),
-    ("prcntclose1.0s", "prcntclose1.0s (%)", "{:.2f}"),
-    ("mse", "mse", "{:.2e}"),
-    ("nrmse", "nRMSE", "{:.2e}"),
-    ("vrmse", "VRMSE", "{:.2e}"),
-    ("routing_agreement", "routing agreement (%)", "{:.2f}"),
-    ("kernel_max_abs_error", "max kernel error", "{:.1e}"),
-    ("train_time_s", "train time (s)", "{:.0f}"),
+    ("prcntclose1.0", Column("prcntclose1.0", "%", "percent")),
+    ("prcntclose1.0s", Column("prcntclose1.0s", "%", "percent")),
+    ("mse", Column("MSE", "", "sci")),
+    ("nrmse", Column("nRMSE", "", "sci")),
+    ("vrmse", Column("VRMSE", "", "sci")),
+    ("routing_agreement", Column("routing agreement", "%", "percent")),
+    ("kernel_max_abs_error", Column("max kernel error", "", "sci")),
+    ("best_epoch", Column("best epoch", "", "count")),
+    ("train_time_s", Column("train time", "s", "seconds")),
 ]
-PER_REGION = [("prcntclose1.0", "{:.2f}"), ("prcntclose1.0s", "{:.2f}"), ("mse", "{:.2e}")]
+PER_REGION = [
+    ("prcntclose1.0", Column("prcntclose1.0", "%", "percent")),
+    ("prcntclose1.0s", Column("prcntclose1.0s", "%", "percent")),
+    ("mse", Column("MSE", "", "sci")),
+]
+METRIC_NOTES = [
+    "prcntclose1.0: share of test points predicted within 1 % of the true value "
+    "(|prediction - truth| <= 1e-8 + 0.01 |truth|); prcntclose1.0s scales that tolerance per "
+    "region type (0.01, 0.1 and 1 times for the paper's three types), so that predicting "
+    "'no change' does not pass where diffusion is slow.",
+    "MSE, nRMSE (per-sample error norm over truth norm) and VRMSE (RMSE over the standard "
+    "deviation of the truth) have no unit: the heat field is dimensionless.",
+    "Routing agreement: share of test points the final SMoE layer sends to the expert matched "
+    "to their true region type; max kernel error: largest absolute difference between a "
+    "matched expert's 3x3 kernel and its type's true stencil.",
+    "Test figures come from each run's best validation epoch; with several seeds a cell reads "
+    "mean ± standard deviation (ddof 1), with one seed the value alone.",
+    "In summary.csv and the metrics JSON files the per-type columns are prefixed mask<t>-.",
+]
 
 
 RESULT_KEYS = ("model", "kind", "seed", "metrics", "params", "train_time_s", "best_epoch", "store")
@@ -197,68 +217,111 @@ def reference_rows(references: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(row: pd.Series, metric: str, fmt: str, spread: bool = True) -> str:
+def _cell(row: pd.Series, metric: str, style: str, spread: bool = True) -> str:
     mean = row.get(f"{metric}_mean", np.nan)
     std = row.get(f"{metric}_std", np.nan) if spread else np.nan
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if mean is None or pd.isna(mean):
         return ""
-    text = fmt.format(mean)
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += " ± " + fmt.format(std)
-    return text
+    return mean_spread(float(mean), None if pd.isna(std) else float(std), style)
 
 
-def _label(row: pd.Series) -> str:
-    """The model's name, marked when the row is not one of our trained models."""
-    source = row.get("source", "ours")
-    return str(row["model"]) + ("" if source == "ours" else f" *({source})*")
+def _seeds(row: pd.Series) -> str:
+    return "" if pd.isna(row.get("seeds")) else str(int(row["seeds"]))
 
 
-def markdown(summary: pd.DataFrame, references: list[dict[str, Any]], types: int) -> str:
-    """The headline table (with published rows) and the per-region table."""
-    head = ["model", "seeds", "params"] + [title for _, title, _ in HEADLINE]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, row in summary.iterrows():
-        seeds = "" if pd.isna(row.get("seeds")) else str(int(row["seeds"]))
-        params = _cell(row, "params", "{:,.0f}", spread=False)
-        cells = [_label(row), seeds, params]
-        cells += [_cell(row, metric, fmt) for metric, _, fmt in HEADLINE]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = ["## Test metrics (mean ± std over seeds)", "", *lines, ""]
-    if (summary["source"] == "reference").any():
-        text += [
-            "Rows marked *(reference)* are analytic predictors evaluated here on the same "
-            "test split (nothing learned): persistence, a single stencil, the true generator.",
-            "",
-        ]
-    if references:
-        text += ["Rows marked *(published)* are figures from papers, not our runs:", ""]
-        text += [f"- {ref['label']}: {ref['citation']}" for ref in references]
-        text.append("")
-    region_head = ["model"] + [
-        f"type {t} {metric}" for t in range(types) for metric, _ in PER_REGION
+def headline_table(summary: pd.DataFrame) -> Table:
+    """Every model's test figures over all points (published rows included, cited)."""
+    present = [
+        (metric, column)
+        for metric, column in HEADLINE
+        if f"{metric}_mean" in summary and summary[f"{metric}_mean"].notna().any()
     ]
-    region_lines = ["| " + " | ".join(region_head) + " |", "|" + "---|" * len(region_head)]
+    columns = [Column("seeds", "", "count"), Column("parameters", "", "count")]
+    table = Table(
+        "Test metrics, all points",
+        columns + [column for _, column in present],
+        notes=METRIC_NOTES[:3] + METRIC_NOTES[3:4],
+    )
+    for _, row in summary.iterrows():
+        cells = [_seeds(row), _cell(row, "params", "count", spread=False)]
+        cells += [_cell(row, metric, column.style) for metric, column in present]
+        table.add(str(row["model"]), row["source"], cells, str(row.get("citation") or ""))
+    return table
+
+
+def region_table(summary: pd.DataFrame, regions: list[str]) -> Table:
+    """Every evaluated model's test figures per region type (published rows have none)."""
+    columns = [
+        Column(column.header, column.unit, column.style, group=regions[t])
+        for t in range(len(regions))
+        for _, column in PER_REGION
+    ]
+    table = Table("Test metrics per region type", columns, notes=METRIC_NOTES[3:])
     for _, row in summary[summary["source"] != "published"].iterrows():
-        cells = [_label(row)] + [
-            _cell(row, f"mask{t}-{metric}", fmt) for t in range(types) for metric, fmt in PER_REGION
+        cells = [
+            _cell(row, f"mask{t}-{metric}", column.style)
+            for t in range(len(regions))
+            for metric, column in PER_REGION
         ]
-        region_lines.append("| " + " | ".join(cells) + " |")
-    text += ["## Per region type", "", *region_lines, ""]
-    return "\n".join(text)
+        table.add(str(row["model"]), row["source"], cells)
+    return table
+
+
+def region_names(store: str | Path | None, types: int) -> list[str]:
+    """'type t (a = ..., n cells)' for each region type, from the test store when it opens;
+    plain 'type t' otherwise."""
+    names = [f"type {t}" for t in range(types)]
+    if store is None:
+        return names
+    from smoe.data.store import open_store
+
+    try:
+        ds = open_store(store)
+    except InputError:
+        return names
+    diffusivity = [float(a) for a in ds.attrs.get("diffusivity", [])]
+    mask = ds["mask"].values if "mask" in ds else None
+    if len(diffusivity) != types or mask is None:
+        return names
+    counts = np.bincount(mask.ravel().astype(np.int64), minlength=types)
+    return [f"type {t} (a = {diffusivity[t]:g}, {counts[t]:,} cells)" for t in range(types)]
+
+
+def markdown(tables: Iterable[Table]) -> str:
+    """The tables as one Markdown document."""
+    return "\n".join(markdown_table(table) for table in tables)
+
+
+def html(tables: Iterable[Table], summary_csv: bytes) -> str:
+    """The tables as one standalone HTML page, with the CSV embedded as a download."""
+    return html_page(
+        "Heat diffusion: test metrics",
+        list(tables),
+        lead="Every configured model evaluated on the test split from its best validation "
+        "checkpoint. Learned models are ours; reference rows are analytic predictors; "
+        "published rows are figures printed in papers.",
+        downloads={"summary.csv": summary_csv},
+    )
+
+
+OUTPUTS = {
+    "long": "metrics_long.csv",
+    "summary": "summary.csv",
+    "markdown": "summary.md",
+    "html": "summary.html",
+}
 
 
 def aggregate(
     paths: Iterable[str | Path], out_dir: str | Path, references_path: Path = REFERENCES
 ) -> dict[str, Path]:
-    """Write metrics_long.csv, summary.csv and summary.md into ``out_dir``."""
+    """Write metrics_long.csv, summary.csv, summary.md and summary.html into ``out_dir``."""
     results = load_results(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stores = {r["store"] for r in results}
-    references = (
-        applicable_references(next(iter(stores)), references_path) if len(stores) == 1 else []
-    )
+    store = next(iter(stores)) if len(stores) == 1 else None
+    references = applicable_references(store, references_path) if store else []
     ours = summary_table(results)
     summary = (
         pd.concat([ours, reference_rows(references)], ignore_index=True) if references else ours
@@ -272,12 +335,13 @@ def aggregate(
         ),
         default=-1,
     )
-    outputs = {
-        "long": out_dir / "metrics_long.csv",
-        "summary": out_dir / "summary.csv",
-        "markdown": out_dir / "summary.md",
-    }
+    tables = [headline_table(summary)]
+    if types:
+        tables.append(region_table(summary, region_names(store, types)))
+    outputs = {key: out_dir / name for key, name in OUTPUTS.items()}
+    summary_csv = summary.to_csv(index=False)
     write_text_atomic(outputs["long"], long_table(results).to_csv(index=False))
-    write_text_atomic(outputs["summary"], summary.to_csv(index=False))
-    write_text_atomic(outputs["markdown"], markdown(summary, references, types))
+    write_text_atomic(outputs["summary"], summary_csv)
+    write_text_atomic(outputs["markdown"], markdown(tables))
+    write_text_atomic(outputs["html"], html(tables, summary_csv.encode()))
     return outputs

@@ -1,6 +1,7 @@
 """Aggregation of evaluation results into CSV and Markdown tables."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -86,10 +87,27 @@ def test_aggregate_writes_csv_and_markdown(tmp_path):
     summary = pd.read_csv(outputs["summary"])
     assert summary.loc[0, "prcntclose1.0_mean"] == pytest.approx(85.0)
     text = outputs["markdown"].read_text()
-    assert "| cnn | 2 | 10 | 85.00 ± 7.07 |" in text
-    assert "## Per region type" in text and "type 2 mse" in text
+    assert "| cnn | 2 | 10 | 85.00 ± 7.07 | 42.50 ± 3.54 | 2.00e-04 ± 1.41e-04 |" in text
+    assert "## Test metrics per region type" in text and "type 2 MSE" in text
+    assert "mask0" not in text.split("## Test metrics per region type")[1].split("- ")[0]
     assert "published" not in text  # the fake store is not the paper's test split
+    assert "routing agreement" not in text  # no SMoE among the results: no empty column
+    page = outputs["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert '<td class="num">85.00 ± 7.07</td>' in page
     assert not list((tmp_path / "tables").glob("*.partial"))
+
+
+def test_one_seed_shows_the_value_alone_and_smoe_columns_appear(tmp_path):
+    routing = {"agreement": 99.0, "kernel_max_abs_error": 1e-4}
+    rows = [result("smoe", 0, 99.0, 1e-6, routing=routing, params=12315, time=5.0)]
+    outputs = aggregate(write(tmp_path, rows), tmp_path / "tables")
+    text = outputs["markdown"].read_text()
+    assert "| smoe | 1 | 12,315 | 99.00 | 49.50 | 1.00e-06 |" in text
+    assert "| 99.00 | 1.00e-04 | 3 | 5.0 |" in text  # agreement, kernel error, epoch, time
+    assert "±" not in text.split("|---|")[1].split("\n\n")[0]  # no spread with one seed
+    cells = re.findall(r'<td class="num">([^<]*)</td>', outputs["html"].read_text())
+    assert cells and not [cell for cell in cells if "nan" in cell.lower() or "±" in cell]
 
 
 def test_bad_metrics_files_are_named(tmp_path):
@@ -106,7 +124,9 @@ def test_analytic_predictors_are_reference_rows_and_nothing_is_called_published(
     text = aggregate(write(tmp_path, rows), tmp_path / "tables")["markdown"].read_text()
     assert "| generator *(reference)* | 1 | 10 | 100.00 |" in text
     assert "| cnn | 1 | 10 | 80.00 |" in text
-    assert "analytic predictors evaluated here" in text and "published" not in text
+    assert "analytic predictor evaluated by this workflow" in text and "published" not in text
+    page = (tmp_path / "tables" / "summary.html").read_text()
+    assert '<tr class="reference"><td class="label">generator<span class="badge"' in page
     summary = pd.read_csv(tmp_path / "tables" / "summary.csv")
     assert list(summary["source"]) == ["ours", "reference"]
 
@@ -152,7 +172,11 @@ def test_published_figures_only_for_the_papers_test_split(tmp_path):
     assert applicable_references(other, path) == []
     paths = write(tmp_path, [result("smoe", 0, 100.0, 1e-12, store=str(paper))])
     text = aggregate(paths, tmp_path / "tables", path)["markdown"].read_text()
-    assert "| SMoE (paper) *(published)* |  |  | 99.50 |" in text
-    assert f"- SMoE (paper): {CITED['citation']}" in text
+    assert "| SMoE (paper) *(published)* [1] |  |  | 99.50 |" in text
+    assert f"[1] {CITED['citation']}" in text
+    page = (tmp_path / "tables" / "summary.html").read_text()
+    assert '<sup><a href="#cite-1">[1]</a></sup>' in page
+    assert f'<li id="cite-1">{CITED["citation"]}</li>' in page
+    assert "type 0 (a = 0.0025, " in page  # per-type headers from the test store
     summary = pd.read_csv(tmp_path / "tables" / "summary.csv")
     assert summary.set_index("model").loc["SMoE (paper)", "citation"] == CITED["citation"]
