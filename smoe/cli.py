@@ -406,9 +406,10 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "aggregate",
-        help="tables of every evaluation result (CSV and Markdown)",
+        help="tables of every evaluation result (CSV, Markdown and HTML)",
         description="Aggregate metrics JSON files (smoe evaluate) into metrics_long.csv, "
-        "summary.csv and summary.md: mean +- std over seeds per model, overall and per region "
+        "summary.csv, summary.md and summary.html: mean +- std over seeds per model (the mean "
+        "alone with one seed), overall and per region "
         "type, with published reference figures where they apply.",
     )
     p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
@@ -521,6 +522,44 @@ def _run_check_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
 
 
+def _add_provenance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "provenance",
+        help="the resolved config and software versions as a report page",
+        description="Write OUT (an HTML page for the report) with the software versions and "
+        "the resolved config, plus config.yaml and versions.json beside it.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--config", type=Path, help="YAML config file (validated, defaults filled in)"
+    )
+    source.add_argument(
+        "--config-json", help="an already validated config as a JSON object (the workflow's)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="HTML page to write")
+    p.set_defaults(run=_run_provenance)
+
+
+def _run_provenance(args: argparse.Namespace) -> None:
+    import json
+
+    from smoe.report.provenance import write_provenance
+
+    if args.config is not None:
+        from smoe.config import load_config
+
+        config = load_config(args.config)
+    else:
+        try:
+            config = json.loads(args.config_json)
+        except ValueError as exc:
+            raise InputError(f"--config-json is not JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise InputError("--config-json is not a JSON object")
+    paths = write_provenance(config, args.out)
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smoe",
@@ -538,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_aggregate,
         _add_figure,
+        _add_provenance,
         _add_check_config,
     ):
         add(sub)
@@ -562,8 +602,13 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
     if command == "evaluate":
         outputs = [(args.out, "file"), (args.routing_map, "file"), (args.predictions, "file")]
         return [args.checkpoint, args.store], outputs
+    if command == "provenance":
+        beside = [args.out.with_name(name) for name in ("config.yaml", "versions.json")]
+        return [args.config], [(path, "file") for path in (args.out, *beside)]
     if command == "aggregate":
-        tables = [args.out_dir / name for name in ("metrics_long.csv", "summary.csv", "summary.md")]
+        from smoe.report.aggregate import OUTPUTS
+
+        tables = [args.out_dir / name for name in OUTPUTS.values()]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
     if command == "figure":
         from smoe.report.figures import figure_paths

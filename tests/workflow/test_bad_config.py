@@ -10,13 +10,13 @@ mtime as it was.
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 import yaml
+from snakemake_runs import run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +24,7 @@ TARGET = "results/test/data/mask.npy"  # the cheapest output: one mask job
 
 
 def snakemake(repo, workdir, *args, configfile=None, env=None):
-    # --configfile and --config take several values: targets and flags go before them.
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "1",
-        *args,
-        "--configfile",
-        str(configfile or repo / "config" / "test.yaml"),
-    ]
-    environment = {k: v for k, v in os.environ.items() if k != "SMOE_GPU_CHECK"}
-    return subprocess.run(
-        command, capture_output=True, text=True, cwd=workdir, env={**environment, **(env or {})}
-    )
+    return run_snakemake(repo, workdir, *args, configfile=configfile, cores=1, env=env)
 
 
 def snapshot(folder):

@@ -9,38 +9,19 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from snakemake_runs import run_snakemake
 
 from smoe.data.store import open_store
 
 pytestmark = pytest.mark.slow
 
 
-def snakemake(repo, workdir, *args, configfile=None):
-    # --configfile takes several values, so targets and flags go before it.
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "--snakefile",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        "--configfile",
-        str(configfile or repo / "config" / "test.yaml"),
-    ]
-    return subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+snakemake = run_snakemake
 
 
 @pytest.fixture(scope="module")
-def built(repo, tmp_path_factory):
-    """The tiny config's data stage, built once by `snakemake --cores 2`."""
-    workdir = tmp_path_factory.mktemp("workflow")
-    result = snakemake(repo, workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def built(built_workflow):
+    return built_workflow
 
 
 def test_tiny_config_builds_mask_stores_and_netcdf(built, paper_mask):
