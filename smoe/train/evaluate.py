@@ -29,29 +29,46 @@ from smoe.train.metrics import MetricAccumulator
 
 
 class RoutingTally:
-    """Counts, over every evaluated point, which expert the final SMoE layer chose."""
+    """Counts, over every evaluated point, which expert the final SMoE layer chose.
+
+    The counts stay on the device the layer runs on (no host sync per batch) and are
+    integers, so they do not depend on the device or on the batching.
+    """
 
     def __init__(self, layer: SMoELayer, mask: torch.Tensor) -> None:
         self.layer = layer
-        self.mask = mask.long()
+        self.mask = mask.long().cpu()
         self.experts = layer.routing.experts
         self.types = int(self.mask.max()) + 1
         height, width = self.mask.shape
         self.per_point = torch.zeros(self.experts, height, width, dtype=torch.long)
 
     def update(self) -> None:
-        chosen = self.layer.last_selection[:, 0].cpu()  # top-1 expert, [B, H, W]
-        self.per_point += torch.nn.functional.one_hot(chosen, self.experts).sum(0).permute(2, 0, 1)
+        """Count the top-1 expert of every point of the layer's last forward pass."""
+        chosen = self.layer.last_selection[:, 0]  # top-1 expert, [B, H, W]
+        if chosen.shape[1:] != self.per_point.shape[1:]:
+            raise ValueError(
+                f"routing of grid {tuple(chosen.shape[1:])} does not match the region map "
+                f"{tuple(self.per_point.shape[1:])}"
+            )
+        if self.per_point.device != chosen.device:
+            self.per_point = self.per_point.to(chosen.device)
+        flat = chosen.reshape(chosen.shape[0], -1)  # [B, H*W]
+        ones = torch.ones((), dtype=torch.long, device=flat.device).expand_as(flat)
+        # per_point[chosen[b, p], p] += 1 for every b: one pass, no [B, H, W, E] one-hot;
+        # scatter_add_ is deterministic on CUDA too (torch.use_deterministic_algorithms).
+        self.per_point.view(self.experts, -1).scatter_add_(0, flat, ones)
 
     def summary(self) -> dict[str, Any]:
         from scipy.optimize import linear_sum_assignment
 
+        per_point = self.per_point.cpu()
         regions = torch.nn.functional.one_hot(self.mask, self.types).permute(2, 0, 1)
-        confusion = torch.einsum("ehw,thw->et", self.per_point, regions).numpy()  # [E, T]
+        confusion = torch.einsum("ehw,thw->et", per_point, regions).numpy()  # [E, T]
         experts, types = linear_sum_assignment(confusion, maximize=True)
         matching = {int(e): int(t) for e, t in zip(experts, types, strict=True)}
         total = confusion.sum()
-        majority = self.per_point.argmax(dim=0)
+        majority = per_point.argmax(dim=0)
         as_types = torch.tensor([matching.get(e, -1) for e in range(self.experts)])[majority]
         return {
             "agreement": 100.0 * float(confusion[experts, types].sum()) / float(total),

@@ -8,6 +8,13 @@ with the same metrics as an uninterrupted run: every random state is checkpointe
 ``last.pt`` is only resumed when its model spec, seed and data (what the train and
 validation stores were generated from) are this run's; otherwise, or when it cannot be read,
 training starts from scratch and the log says why.
+
+For SMoE models each validation pass also counts which expert the final layer chose at each
+point (:class:`smoe.train.evaluate.RoutingTally`); the validation metrics gain the routing
+agreement with the true region map, ``routing_agreement`` and ``map_agreement`` (percent),
+so the history has them per epoch (``val_routing_agreement``, ``val_map_agreement``) and
+``train.json`` for the best epoch. The count only reads the routing: nothing learned or
+selected depends on it.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from smoe.train.checkpoint import (
     seed_everything,
 )
 from smoe.train.device import resolve_device, resolve_precision
-from smoe.train.evaluate import dataset_metrics
+from smoe.train.evaluate import RoutingTally, dataset_metrics
 from smoe.train.metrics import is_better
 
 
@@ -386,16 +393,32 @@ class Trainer:
                 f"{epoch}, step {loss_step}; lower train.lr or check the data"
             )
 
+    def _routing_tally(self) -> RoutingTally | None:
+        """A fresh count of the final SMoE layer's choices (None without SMoE layers)."""
+        if not self.smoe_layers:
+            return None
+        return RoutingTally(self.smoe_layers[-1], self.val_set.mask)
+
     def _validate(self) -> dict[str, float]:
+        """Validation metrics; for SMoE models also the routing agreement (percent) with
+        the true region map, counted during the same pass (read-only: no random numbers
+        drawn, no state of the model changed, so training goes on exactly as without)."""
         evaluate = self.spec.evaluate
-        return dataset_metrics(
+        tally = self._routing_tally()
+        metrics = dataset_metrics(
             self.model,
             self.val_set,
             self.device,
             evaluate["rtols"],
             evaluate["region_rtol_scale"],
             evaluate["batch_size"],
+            tally,
         )
+        if tally is not None:
+            routing = tally.summary()
+            metrics["routing_agreement"] = routing["agreement"]
+            metrics["map_agreement"] = routing["map_agreement"]
+        return metrics
 
     def run(self) -> dict[str, Any]:
         """Train until the epochs run out, early stopping or the target metric is reached."""
