@@ -123,7 +123,8 @@ class PatchCNN(nn.Module):
 
     Args:
         dim: d, the dimension of one patch.
-        filters_per_class: filters of each class (the expert: 8; singles: 40 / 64 / 256).
+        filters_per_class: filters of each class (the expert: 8, the default; singles: 40 /
+            64 / 256 for the paper's 80 / 128 / 512 filters).
         classes: number of classes (2 in the paper).
         activation: ``cubic`` (sigma = z^3) or ``linear`` (sigma = z).
         init_scale: factor on PyTorch's default uniform init of weights and biases (the
@@ -134,7 +135,7 @@ class PatchCNN(nn.Module):
     def __init__(
         self,
         dim: int,
-        filters_per_class: int,
+        filters_per_class: int = 8,
         classes: int = 2,
         activation: str = "cubic",
         init_scale: float = 1e-3,
@@ -352,11 +353,11 @@ class NormalizedGD(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             if group["normalize"]:
                 norm = torch.stack([torch.linalg.vector_norm(g) for g in grads]).sum()
-                if norm == 0:
-                    continue
-                scale = -group["lr"] / norm
+                # No step where every gradient is zero (no sample reached the expert); chosen
+                # on the device, without reading the norm back to the host.
+                scale = torch.where(norm > 0, -group["lr"] / norm, torch.zeros_like(norm))
                 for p, g in zip(params, grads, strict=True):
-                    p.add_(g * scale)
+                    p.add_(g * scale.to(g.dtype))
             else:
                 for p, g in zip(params, grads, strict=True):
                     p.add_(g, alpha=-group["lr"])
