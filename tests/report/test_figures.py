@@ -2,12 +2,18 @@
 
 import csv
 import math
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import matplotlib.image
 import numpy as np
 import pytest
 import xarray as xr
+from matplotlib.container import ErrorbarContainer
+from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 
+from smoe.data.mask import generate_mask
 from smoe.errors import InputError
 from smoe.report import figures as F
 from smoe.train.metrics import ATOL
@@ -91,6 +97,83 @@ def assert_figure(paths, folder):
     assert not [p for p in folder.rglob("*") if "partial" in p.name]
 
 
+@dataclass
+class Panel:
+    """What a test needs of one drawn axes."""
+
+    title: str
+    xlabel: str
+    yscale: str
+    ylim: tuple[float, float]
+    rectangles: int  # bars
+    errorbars: list[int]  # data points of each error bar set
+    caps: int  # error bar caps drawn (Line2D markers of ErrorbarContainers)
+    markers: list[str]  # markers of the plotted lines (points, seed dots)
+
+
+@dataclass
+class Drawn:
+    """A figure as save_figure got it, after its layout: the texts and the panels."""
+
+    size: tuple[float, float]
+    suptitle: str
+    texts: list[str]
+    axes: list[Panel]
+
+    @property
+    def titles(self) -> list[str]:
+        return [ax.title for ax in self.axes]
+
+
+def snapshot(fig) -> Drawn:
+    axes = []
+    for ax in fig.axes:
+        errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        axes.append(
+            Panel(
+                title=ax.get_title(),
+                xlabel=ax.get_xlabel(),
+                yscale=ax.get_yscale(),
+                ylim=tuple(float(v) for v in ax.get_ylim()),
+                rectangles=sum(isinstance(p, Rectangle) for p in ax.patches),
+                errorbars=[len(c.lines[2][0].get_segments()) for c in errorbars],
+                caps=sum(len(c.lines[1]) for c in errorbars),
+                markers=[str(line.get_marker()) for line in ax.lines],
+            )
+        )
+    return Drawn(
+        size=tuple(fig.get_size_inches()),
+        suptitle=fig._suptitle.get_text() if fig._suptitle else "",
+        texts=[t.get_text() for t in fig.findobj(Text) if t.get_text()],
+        axes=axes,
+    )
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure the test saves, laid out and snapshotted just before it is written.
+
+    Each must lie inside its canvas: no title, label or legend cut off at an edge.
+    """
+    figures = []
+    save = F.save_figure
+
+    def checked(fig, out):
+        F.fix_layout(fig)  # what save_figure does first; it keeps this layout
+        box = fig.get_tightbbox(fig.canvas.get_renderer())
+        width, height = fig.get_size_inches()
+        slack = 1 / F.DPI  # one pixel
+        assert box.x0 >= -slack and box.y0 >= -slack, f"clipped at the left/bottom: {box}"
+        assert box.x1 <= width + slack and box.y1 <= height + slack, (
+            f"clipped at the right/top: {box} in a {width:.2f} x {height:.2f} in figure"
+        )
+        figures.append(snapshot(fig))
+        return save(fig, out)
+
+    monkeypatch.setattr(F, "save_figure", checked)
+    return figures
+
+
 # --- saving -------------------------------------------------------------------------------
 
 
@@ -115,6 +198,29 @@ def test_save_figure_creates_folders_and_is_reproducible(tmp_path):
     draw(tmp_path / "a" / "b" / "line")
     assert first[1].read_bytes() == svg
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["line.png", "line.svg"]
+
+
+def test_png_size_and_the_viewer_limit(tmp_path):
+    def png(width, height):
+        fig = F.new_figure(width, height)
+        fig.subplots().plot([0, 1], [1, 0])
+        return F.save_figure(fig, tmp_path / f"{width}x{height}")[0]
+
+    assert F.png_size(png(8, 4)) == (1200, 600)
+    assert F.fits_report_viewer(png(8, 4))  # ratio 0.5, 600 px
+    assert not F.fits_report_viewer(png(4, 3))  # ratio 0.75: too tall for its width
+    assert not F.fits_report_viewer(png(14, 7))  # ratio 0.5 but 1050 px high
+    (tmp_path / "fake.png").write_bytes(b"GIF89a" + bytes(30))
+    with pytest.raises(InputError, match="not a PNG"):
+        F.png_size(tmp_path / "fake.png")
+
+
+@pytest.mark.parametrize("size", [(4, 3), (30, 8), (6, 20), (20, 20), (1, 1), (11, 6)])
+def test_viewer_size_stays_inside_the_limits(size):
+    width, height = F.viewer_size(*size)
+    assert height <= F.MAX_HEIGHT + 1e-9 and width <= F.MAX_WIDTH + 1e-9
+    assert height <= F.MAX_RATIO * width + 1e-9
+    assert height <= size[1] + 1e-9  # never made taller
 
 
 # --- routing ------------------------------------------------------------------------------
@@ -244,9 +350,41 @@ def test_error_limit_is_shared_and_symmetric(prediction_files):
     assert F.error_limit(samples) == pytest.approx(np.percentile(pooled, 99))
 
 
-def test_predictions_figure(tmp_path, prediction_files):
+def test_predictions_figure(tmp_path, prediction_files, drawn):
     paths = F.predictions_figure(prediction_files, tmp_path / "out" / "predictions.svg", run=1)
     assert_figure(paths, tmp_path)
+    (figure,) = drawn
+    samples = F.select_samples(open_all(prediction_files), run=1)
+    # models are columns: each prediction says its frame-level number is of this sample
+    labels = [ax.xlabel for ax in figure.axes if ax.xlabel.startswith("this sample")]
+    assert labels == [F.sample_label(s) for s in samples]
+    assert all(
+        f"{s.close:.1f} % within 1 %" in label for s, label in zip(samples, labels, strict=True)
+    )
+    assert {"cnn seed 0", "smoe seed 3"} <= set(figure.titles)  # seeds differ: named
+    assert "one test sample" in figure.suptitle
+
+
+@pytest.mark.parametrize("models", range(1, 21))
+def test_prediction_layout_stays_in_the_viewer(models):
+    layout = F.prediction_layout(models)
+    width, height = layout.size
+    assert height <= F.MAX_RATIO * width + 1e-9 and height <= F.MAX_HEIGHT + 1e-9
+    assert width <= F.MAX_WIDTH + 1e-9
+    assert layout.bands * layout.per_band >= models > (layout.bands - 1) * layout.per_band
+    assert layout.side > 0.4
+    if models <= 8:  # one row of models: the figure is wide, not tall
+        assert layout.bands == 1
+
+
+def test_sample_label_never_rounds_to_a_whole_hundred():
+    def label(close):
+        return F.sample_label(SimpleNamespace(close=close))
+
+    assert label(95.94) == "this sample:\n95.9 % within 1 %"
+    assert label(99.97) == "this sample:\n> 99.9 % within 1 %"
+    assert label(100.0) == "this sample:\n100.0 % within 1 %"
+    assert label(0.01) == "this sample:\n< 0.1 % within 1 %"
 
 
 # --- learning curves ----------------------------------------------------------------------
@@ -305,11 +443,70 @@ def test_metric_stats_equal_numpy():
     assert math.isnan(stats["lcn"]["absent"].mean) and stats["lcn"]["absent"].n == 0
 
 
-def test_metric_bars_figure(tmp_path):
+def test_metric_bars_figure(tmp_path, drawn):
     summary = [baseline_result("cnn", s, 20.0 + s) for s in range(3)]
     summary += [smoe_result(s) for s in range(2)] + [baseline_result("persistence", 0, 87.0)]
     paths = F.metric_bars_figure(summary, tmp_path / "bars.png")
     assert_figure(paths, tmp_path)
+    (figure,) = drawn
+    # seeds per model 3, 2 and 1: error bars for cnn and smoe only
+    assert "mean ± std over 1-3 seeds" in figure.suptitle
+    close, _, nrmse = figure.axes
+    assert close.errorbars == [2]
+    assert close.rectangles == 3 and close.ylim == (0, 100)
+
+
+def test_one_seed_bars_have_no_error_bars(tmp_path, drawn):
+    summary = [baseline_result("cnn", 0, 40.0), smoe_result(0), baseline_result("lcn", 0)]
+    F.metric_bars_figure(summary, tmp_path / "bars")
+    (figure,) = drawn
+    assert "one seed" in figure.suptitle and "±" not in figure.suptitle
+    for ax in figure.axes:
+        assert ax.errorbars == [] and ax.caps == 0
+
+
+def test_several_seeds_bars_show_mean_seeds_and_std(tmp_path, drawn):
+    summary = [
+        baseline_result(m, s, c + s) for m, c in (("cnn", 30), ("lcn", 70)) for s in range(3)
+    ]
+    summary += [smoe_result(s) for s in range(3)]
+    F.metric_bars_figure(summary, tmp_path / "bars")
+    (figure,) = drawn
+    assert "mean ± std over 3 seeds" in figure.suptitle
+    close, scaled, nrmse = figure.axes
+    for ax in (close, scaled):  # percentages: bars on a linear 0-100 axis
+        assert ax.yscale == "linear" and ax.ylim == (0, 100)
+        assert ax.rectangles == 3 and ax.errorbars == [3]
+        assert ax.markers.count(".") == 3  # each model's seeds as dots
+    # nrmse spans decades (1e-6 against 0.05): points on a log axis, no bars
+    assert nrmse.yscale == "log" and nrmse.rectangles == 0
+    assert nrmse.markers.count("o") == 3 and nrmse.errorbars == [3]
+    assert nrmse.title == "nrmse"
+
+
+def test_a_metric_no_result_has_is_drawn_as_not_available(tmp_path, drawn):
+    summary = [baseline_result("cnn", 0), smoe_result(0)]
+    F.metric_bars_figure(summary, tmp_path / "bars", metrics=("prcntclose1.0", "absent"))
+    (figure,) = drawn
+    assert figure.texts.count("n/a") == 2  # both models, above the empty panel
+    assert figure.axes[1].rectangles == 2 and figure.axes[1].ylim[0] == 0
+
+
+def test_metric_scales_and_region_type_labels(tmp_path, drawn):
+    assert F.metric_scale("prcntclose1.0", [3.0, 99.0]) == "percent"
+    assert F.metric_scale("mask2-prcntclose1.0s") == "percent"
+    assert F.metric_scale("nrmse", [0.01, 0.02]) == "log"
+    assert F.metric_scale("mask0-mse", [1e-3]) == "log"
+    assert F.metric_scale("time_s", [1.0, 500.0]) == "log"  # spans decades
+    assert F.metric_scale("time_s", [1.0, 5.0]) == "linear"
+    assert F.metric_label("mask1-prcntclose1.0") == "type 1 prcntclose1.0"
+    summary = [smoe_result(0), baseline_result("cnn", 0)]
+    for result in summary:
+        result["metrics"].update({"mask0-prcntclose1.0": 50.0, "mask1-nrmse": 0.1})
+    F.metric_bars_figure(summary, tmp_path / "bars", metrics=("mask0-prcntclose1.0", "mask1-nrmse"))
+    (figure,) = drawn
+    assert [ax.title for ax in figure.axes] == ["type 0 prcntclose1.0", "type 1 nrmse"]
+    assert not [text for text in figure.texts if "mask" in text]
 
 
 # --- kernels ------------------------------------------------------------------------------
@@ -334,9 +531,33 @@ def test_unmatched_expert_has_no_stencil():
     assert math.isnan(last.error)
 
 
-def test_kernels_figure(tmp_path):
+def test_kernel_table_aligns_experts_under_their_types():
+    spare = smoe_result(1)
+    spare["routing"]["kernels"].append(np.eye(3).tolist())  # a fourth expert, unmatched
+    table = F.kernel_table([smoe_result(0), spare])
+    assert table.column_labels == ["type 0", "type 1", "type 2", "unmatched"]
+    assert table.row_labels[0] == "true stencil"
+    assert table.row_labels[1].startswith("smoe seed 0\nmax |err|")
+    true, first, second = table.cells
+    for t in range(3):  # each column: a type's stencil above the kernel matched to it
+        np.testing.assert_array_equal(true[t].values, STENCILS[t])
+        expert = int(TYPE_TO_EXPERT[t])
+        np.testing.assert_array_equal(first[t].values, smoe_result(0)["routing"]["kernels"][expert])
+        assert first[t].title.startswith(f"expert {expert}: |err|")
+    assert true[3].values is None and first[3].values is None
+    np.testing.assert_array_equal(second[3].values, np.eye(3))
+    assert second[3].title == "expert 3"
+    other = smoe_result(2)
+    other["routing"]["stencils"] = (2 * STENCILS).tolist()
+    with pytest.raises(InputError, match="different true stencils"):
+        F.kernel_table([smoe_result(0), other])
+
+
+def test_kernels_figure(tmp_path, drawn):
     runs = [smoe_result(0), baseline_result(), smoe_result(1)]
     assert_figure(F.kernels_figure(runs, tmp_path / "kernels"), tmp_path)
+    (figure,) = drawn
+    assert len(figure.axes) == 3 * 3  # true stencils and two runs, three types
 
 
 # --- figures that cannot be drawn ----------------------------------------------------------
@@ -381,3 +602,111 @@ def test_malformed_routing_and_histories_are_named(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         F.read_history(tmp_path / "absent.csv")
     assert not list(tmp_path.glob("*.png"))
+
+
+# --- every figure whole in the report viewer ----------------------------------------------
+
+DEFAULT_MODELS = ("persistence", "stencil", "generator", "cnn", "lcn", "coordconv", "smoe")
+PAPER_MODELS = (
+    *("persistence", "stencil", "generator", "cnn", "lcn", "coordconv"),
+    *("condconv", "convlcn", "mlp", "smoe-fixed", "smoe"),
+)
+SETUPS = {  # config/config.yaml and config/paper.yaml
+    "7 models, 1 seed": (DEFAULT_MODELS, 1),
+    "11 models, 3 seeds": (PAPER_MODELS, 3),
+}
+GRID = 64  # the configs' 64 x 64 map with 3 region types
+PAPER_MASK = generate_mask(GRID, GRID, 3, 42)
+
+
+def realistic_metrics(models, seeds):
+    """Metrics like smoe evaluate writes them for every model and seed of a config."""
+    rng = np.random.default_rng(len(models) * 10 + seeds)
+    results = []
+    for model in models:
+        for seed in range(seeds):
+            if model.startswith("smoe"):
+                result = smoe_result(seed)
+                result["model"] = model
+                routing = result["routing"]
+                experts = TYPE_TO_EXPERT[PAPER_MASK]
+                wrong = rng.random(PAPER_MASK.shape) < 0.02
+                routing["map"] = np.where(wrong, (experts + 1) % 3, experts).tolist()
+                result["metrics"]["nrmse"] = float(rng.uniform(1e-6, 1e-5))
+            else:
+                close = 100.0 if model == "generator" else float(rng.uniform(0.5, 99.0))
+                result = baseline_result(model, seed, close)
+                result["metrics"]["nrmse"] = float(10 ** rng.uniform(-3, -1))
+            results.append(result)
+    return results
+
+
+def realistic_histories(folder, models, seeds):
+    trained = ["epoch", "train_loss", "val_mse", "val_prcntclose1.0", "lr", "time_s"]
+    paths = []
+    for model in models:
+        for seed in range(seeds):
+            path = folder / "models" / model / f"seed{seed}" / "history.csv"
+            if model in ("persistence", "stencil", "generator"):
+                paths.append(write_history(path, trained[:1] + trained[2:4], [[0, 1e-3, 50.0]]))
+                continue
+            rows = [
+                [e, 10.0 ** -(e / 10 + seed), 1e-3, min(100, 3 * e), 0.01, e] for e in range(30)
+            ]
+            paths.append(write_history(path, trained, rows))
+    return paths
+
+
+def realistic_predictions(folder, models):
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0.1, 1.0, (1, 3, GRID, GRID)).astype(np.float32)
+    files = []
+    for i, model in enumerate(models):
+        prediction = u + rng.normal(0, 1e-3 * (i + 1), u.shape).astype(np.float32)
+        ds = xr.Dataset(
+            {
+                "prediction": (("run", "time", "y", "x"), prediction),
+                "u": (("run", "time", "y", "x"), u),
+            },
+            coords={"run": [0], "time": np.arange(3), "y": np.arange(GRID), "x": np.arange(GRID)},
+            attrs={"model": model, "seed": 0},
+        )
+        files.append(folder / f"{model}.nc")
+        ds.to_netcdf(files[-1])
+    return files
+
+
+def draw_all(folder, models, seeds):
+    """Every report figure for one config, as the workflow draws them."""
+    metrics = realistic_metrics(models, seeds)
+    smoe = [r for r in metrics if r["model"].startswith("smoe")]
+    histories = F.load_histories(realistic_histories(folder, models, seeds))
+    return {
+        "routing": F.routing_figure(PAPER_MASK, smoe, folder / "routing"),
+        "kernels": F.kernels_figure(smoe, folder / "kernels"),
+        "predictions": F.predictions_figure(
+            realistic_predictions(folder, models), folder / "predictions.png"
+        ),
+        "curves": F.learning_curves_figure(histories, folder / "learning_curves"),
+        "bars": F.metric_bars_figure(metrics, folder / "metric_bars"),
+    }
+
+
+@pytest.mark.filterwarnings("error:.*layout.*:UserWarning")  # a layout that gave up
+@pytest.mark.parametrize("setup", SETUPS)
+def test_every_figure_fits_the_report_viewer(tmp_path, drawn, setup):
+    models, seeds = SETUPS[setup]
+    written = draw_all(tmp_path, models, seeds)  # `drawn` checks that nothing is clipped
+    for name, (png, svg) in written.items():
+        width, height = F.png_size(png)
+        assert F.fits_report_viewer(png), f"{name}: {width} x {height} px"
+        # inside the design limits too: 900 px high, 1650 px wide
+        assert height <= F.MAX_HEIGHT * F.DPI and width <= F.MAX_WIDTH * F.DPI, name
+        assert svg.is_file()
+    assert len(drawn) == len(written)
+    predictions = drawn[2]
+    labels = [ax.xlabel for ax in predictions.axes if ax.xlabel.startswith("this sample:")]
+    assert len(labels) == len(models)
+    bars = drawn[4]
+    assert ("one seed" in bars.suptitle) == (seeds == 1)
+    assert all((ax.errorbars == []) == (seeds == 1) for ax in bars.axes)
