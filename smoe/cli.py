@@ -424,7 +424,7 @@ def _run_aggregate(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
-FIGURES = ("routing", "predictions", "curves", "bars", "kernels")
+FIGURES = ("routing", "predictions", "curves", "bars", "kernels", "dynamics", "experts")
 
 
 def _add_figure(sub: argparse._SubParsersAction) -> None:
@@ -434,7 +434,8 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         description="Draw one figure of the report and save it as OUT.png and OUT.svg: "
         "routing (true map beside each SMoE routing map), predictions (input/target/"
         "prediction/error per model), curves (learning curves), bars (metrics per model), "
-        "kernels (learned kernels beside the true stencils).",
+        "kernels (learned kernels beside the true stencils), dynamics (SMoE misrouted fraction, "
+        "RC loss and routing agreement per epoch), experts (SMoE expert x region-type counts).",
     )
     p.add_argument("kind", choices=FIGURES, help="which figure")
     p.add_argument(
@@ -442,7 +443,7 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="metrics JSON files (routing, bars, kernels)",
+        help="metrics JSON files (routing, bars, kernels, experts)",
     )
     p.add_argument("--mask", type=Path, default=None, help="region map .npy/.nc (routing)")
     p.add_argument(
@@ -457,7 +458,7 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="history.csv files of smoe train (curves)",
+        help="history.csv files of smoe train (curves, dynamics)",
     )
     p.add_argument(
         "--run",
@@ -480,6 +481,8 @@ def _run_figure(args: argparse.Namespace) -> None:
         "curves": ("histories",),
         "bars": ("metrics",),
         "kernels": ("metrics",),
+        "dynamics": ("histories",),
+        "experts": ("metrics",),
     }
     for option in needs[args.kind]:
         if not getattr(args, option):
@@ -496,6 +499,16 @@ def _run_figure(args: argparse.Namespace) -> None:
         paths = figures.learning_curves_figure(figures.load_histories(args.histories), args.out)
     elif args.kind == "bars":
         paths = figures.metric_bars_figure(
+            figures.load_metrics(args.metrics), args.out, sources=args.metrics
+        )
+    elif args.kind == "dynamics":
+        from smoe.report.dynamics import dynamics_figure
+
+        paths = dynamics_figure(figures.load_histories(args.histories), args.out)
+    elif args.kind == "experts":
+        from smoe.report.dynamics import expert_region_figure
+
+        paths = expert_region_figure(
             figures.load_metrics(args.metrics), args.out, sources=args.metrics
         )
     else:

@@ -62,8 +62,10 @@ UNMATCHED_COLOUR = "#9e9e9e"
 # VIEWER_MAX_RATIO of its width and at most VIEWER_MAX_HEIGHT pixels stays whole at
 # 1920x1080 (at most 1000 px, and at most 0.62 x the ~1550 px pane) and at 1366x768 (a
 # wider image is shrunk to the ~1000 px pane: at most 620 px, under 768 - 24 px padding).
+# A PNG at most VIEWER_SMALL_HEIGHT pixels high fits whatever its width (under 768 - 24 px).
 VIEWER_MAX_RATIO = 0.62
 VIEWER_MAX_HEIGHT = 1000  # pixels
+VIEWER_SMALL_HEIGHT = 720  # pixels
 # The figures are drawn inside tighter limits, so that a browser's toolbars still leave room:
 # at most 900 px high, height at most 0.6 of the width, and at most 1650 px wide (wider
 # images fit too, but are shrunk until their text is hard to read at 1366x768).
@@ -124,9 +126,16 @@ def png_size(path: str | Path) -> tuple[int, int]:
 
 
 def fits_report_viewer(png_path: str | Path) -> bool:
-    """Whether the report viewer shows this PNG whole at 1920x1080 and at 1366x768 windows:
-    height at most VIEWER_MAX_RATIO of the width and at most VIEWER_MAX_HEIGHT pixels."""
-    width, height = png_size(png_path)
+    """Whether the report viewer shows this PNG whole at 1920x1080 and at 1366x768 windows
+    (:func:`fits_viewer` of its size)."""
+    return fits_viewer(*png_size(png_path))
+
+
+def fits_viewer(width: int, height: int) -> bool:
+    """Whether an image of ``width`` x ``height`` pixels stays whole in the report viewer
+    (see VIEWER_MAX_RATIO): small enough as it is, or shrunk with the pane's width."""
+    if height <= VIEWER_SMALL_HEIGHT:
+        return True
     return height <= VIEWER_MAX_RATIO * width and height <= VIEWER_MAX_HEIGHT
 
 

@@ -149,7 +149,7 @@ p.lead { color: #52606d; margin: 0 0 1rem 0; max-width: 60rem; }
 table { border-collapse: collapse; margin: .25rem 0 .5rem 0; }
 th, td { padding: .3rem .6rem; border-bottom: 1px solid #e4e7eb; white-space: nowrap; }
 thead th { background: #f5f7fa; border-bottom: 2px solid #9aa5b1; vertical-align: bottom;
-           text-align: right; font-weight: 600; }
+           text-align: right; font-weight: 600; white-space: normal; min-width: 4rem; }
 thead th.group { text-align: center; border-bottom: 1px solid #9aa5b1; }
 th.label, td.label { text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }

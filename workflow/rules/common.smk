@@ -5,6 +5,7 @@ lambdas and the config is read in one place.
 """
 
 import functools
+import json
 import os
 import re
 import sys
@@ -86,6 +87,15 @@ if _stale:
 RESULTS = str(CFG.results)
 SMOE_ENV = "../../envs/smoe.yaml"
 
+# Report categories, named plainly; the report menu sorts them alphabetically, which is
+# also the order a reader wants: what went in, what came out, how training went, and what
+# produced it. Each experiment family is a subcategory.
+DATA_CATEGORY = "Data"
+RESULTS_CATEGORY = "Results"
+DIAGNOSTICS_CATEGORY = "Training diagnostics"
+PROVENANCE_CATEGORY = "Versions and configuration"
+FAMILY = "Heat diffusion (SMoE)"
+
 
 MODELS = models_to_run(config)
 SEEDS = [str(seed) for seed in config["seeds"]]
@@ -140,6 +150,15 @@ def smoe_metrics_targets():
     ]
 
 
+def smoe_history_targets():
+    """Training histories of the SMoE models: their routing dynamics per epoch."""
+    return [
+        f"{RESULTS}/models/{model}/seed{seed}/history.csv"
+        for model in smoe_models()
+        for seed in SEEDS
+    ]
+
+
 def first_seed_predictions():
     """Every model's test predictions for the first seed: one sample, all models side by side."""
     return [f"{RESULTS}/predictions/{model}/seed{SEEDS[0]}.nc" for model in MODELS]
@@ -177,10 +196,14 @@ def report_targets():
         return []
     figures = ["predictions", "learning_curves", "metric_bars"]
     if smoe_models():
-        figures += ["routing"]
+        figures += ["routing", "smoe_dynamics", "expert_regions"]
         if kernel_models():
             figures += ["kernels"]
-    targets = [f"{RESULTS}/tables/summary.csv"]
+    targets = [
+        f"{RESULTS}/tables/summary.csv",
+        f"{RESULTS}/tables/summary.html",
+        f"{RESULTS}/report/provenance.html",
+    ]
     for name in figures:
         targets += [f"{RESULTS}/figures/{name}.png", f"{RESULTS}/figures/{name}.svg"]
     return targets
@@ -189,6 +212,12 @@ def report_targets():
 def all_targets():
     """Data -> train -> evaluate -> aggregate -> figures."""
     return data_targets() + metrics_targets() + report_targets()
+
+
+def resolved_config_json():
+    """The validated config (defaults filled in) as JSON, for the report's provenance page;
+    as a rule parameter it also makes that page rebuild whenever the config changes."""
+    return json.dumps(config, sort_keys=False)
 
 
 def output_folder(wildcards, output):

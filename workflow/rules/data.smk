@@ -8,9 +8,10 @@ rule mask:
         mask=f"{RESULTS}/data/mask.npy",
         png=report(
             f"{RESULTS}/data/mask.png",
-            category="Data",
+            category=DATA_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/mask.rst",
-            labels={"figure": "region map"},
+            labels={"shows": "region map (region type of every cell)"},
         ),
     log:
         f"{RESULTS}/logs/data/mask.log",

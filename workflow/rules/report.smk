@@ -5,11 +5,13 @@ rule aggregate:
     input:
         metrics_targets(),
     output:
-        summary=report(
-            f"{RESULTS}/tables/summary.csv",
-            category="2 Tables",
+        summary=f"{RESULTS}/tables/summary.csv",
+        html=report(
+            f"{RESULTS}/tables/summary.html",
+            category=RESULTS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/summary.rst",
-            labels={"table": "test metrics"},
+            labels={"shows": "test metrics of every model (tables)"},
         ),
         markdown=f"{RESULTS}/tables/summary.md",
         long=f"{RESULTS}/tables/metrics_long.csv",
@@ -34,10 +36,10 @@ rule figure_routing:
     output:
         png=report(
             f"{RESULTS}/figures/routing.png",
-            category="3 Figures",
-            subcategory="SMoE",
+            category=RESULTS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/routing.rst",
-            labels={"figure": "routing maps"},
+            labels={"shows": "routing maps: learned beside true"},
         ),
         svg=f"{RESULTS}/figures/routing.svg",
     log:
@@ -59,10 +61,10 @@ rule figure_kernels:
     output:
         png=report(
             f"{RESULTS}/figures/kernels.png",
-            category="3 Figures",
-            subcategory="SMoE",
+            category=RESULTS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/kernels.rst",
-            labels={"figure": "learned kernels"},
+            labels={"shows": "learned kernels beside the true stencils"},
         ),
         svg=f"{RESULTS}/figures/kernels.svg",
     log:
@@ -83,10 +85,10 @@ rule figure_predictions:
     output:
         png=report(
             f"{RESULTS}/figures/predictions.png",
-            category="3 Figures",
-            subcategory="All models",
+            category=RESULTS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/predictions.rst",
-            labels={"figure": "test sample"},
+            labels={"shows": "one test sample, every model"},
         ),
         svg=f"{RESULTS}/figures/predictions.svg",
     log:
@@ -107,10 +109,10 @@ rule figure_curves:
     output:
         png=report(
             f"{RESULTS}/figures/learning_curves.png",
-            category="3 Figures",
-            subcategory="All models",
+            category=DIAGNOSTICS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/curves.rst",
-            labels={"figure": "learning curves"},
+            labels={"shows": "learning curves of every model"},
         ),
         svg=f"{RESULTS}/figures/learning_curves.svg",
     log:
@@ -131,10 +133,10 @@ rule figure_bars:
     output:
         png=report(
             f"{RESULTS}/figures/metric_bars.png",
-            category="3 Figures",
-            subcategory="All models",
+            category=RESULTS_CATEGORY,
+            subcategory=FAMILY,
             caption="../report/bars.rst",
-            labels={"figure": "metrics per model"},
+            labels={"shows": "test metrics of every model (chart)"},
         ),
         svg=f"{RESULTS}/figures/metric_bars.svg",
     log:
@@ -147,3 +149,77 @@ rule figure_bars:
         runtime=10,
     shell:
         "smoe figure bars --metrics {input} --out {output.png} > {log} 2>&1"
+
+
+rule figure_dynamics:
+    input:
+        smoe_history_targets(),
+    output:
+        png=report(
+            f"{RESULTS}/figures/smoe_dynamics.png",
+            category=DIAGNOSTICS_CATEGORY,
+            subcategory=FAMILY,
+            caption="../report/dynamics.rst",
+            labels={"shows": "SMoE routing per epoch"},
+        ),
+        svg=f"{RESULTS}/figures/smoe_dynamics.svg",
+    log:
+        f"{RESULTS}/logs/report/figure_dynamics.log",
+    conda:
+        SMOE_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "smoe figure dynamics --histories {input} --out {output.png} > {log} 2>&1"
+
+
+rule figure_experts:
+    input:
+        smoe_metrics_targets(),
+    output:
+        png=report(
+            f"{RESULTS}/figures/expert_regions.png",
+            category=DIAGNOSTICS_CATEGORY,
+            subcategory=FAMILY,
+            caption="../report/experts.rst",
+            labels={"shows": "SMoE expert x region counts"},
+        ),
+        svg=f"{RESULTS}/figures/expert_regions.svg",
+    log:
+        f"{RESULTS}/logs/report/figure_experts.log",
+    conda:
+        SMOE_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "smoe figure experts --metrics {input} --out {output.png} > {log} 2>&1"
+
+
+rule provenance:
+    input:
+        f"{RESULTS}/tables/summary.csv",
+    output:
+        html=report(
+            f"{RESULTS}/report/provenance.html",
+            category=PROVENANCE_CATEGORY,
+            caption="../report/provenance.rst",
+            labels={"shows": "resolved config and software versions"},
+        ),
+        config=f"{RESULTS}/report/config.yaml",
+        versions=f"{RESULTS}/report/versions.json",
+    log:
+        f"{RESULTS}/logs/report/provenance.log",
+    conda:
+        SMOE_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        config=resolved_config_json(),
+    shell:
+        "smoe provenance --config-json {params.config:q} --out {output.html} > {log} 2>&1"
