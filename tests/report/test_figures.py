@@ -208,7 +208,8 @@ def test_png_size_and_the_viewer_limit(tmp_path):
 
     assert F.png_size(png(8, 4)) == (1200, 600)
     assert F.fits_report_viewer(png(8, 4))  # ratio 0.5, 600 px
-    assert not F.fits_report_viewer(png(4, 3))  # ratio 0.75: too tall for its width
+    assert not F.fits_report_viewer(png(8, 6))  # ratio 0.75 and 900 px: too tall for its width
+    assert F.fits_report_viewer(png(4, 3))  # ratio 0.75 but 450 px: shown at natural size
     assert not F.fits_report_viewer(png(14, 7))  # ratio 0.5 but 1050 px high
     (tmp_path / "fake.png").write_bytes(b"GIF89a" + bytes(30))
     with pytest.raises(InputError, match="not a PNG"):
