@@ -718,8 +718,8 @@ def predictions_figure(
         ax.set_yticks([])
     first = samples[0]
     for ax, frame, title in (
-        (axes[0, 0], first.input, f"input\n(truth at step {first.time - 1})"),
-        (axes[1, 0], first.target, f"truth\n(step {first.time})"),
+        (axes[0, 0], first.input, f"input: step {first.time - 1}"),
+        (axes[1, 0], first.target, f"truth: step {first.time}"),
     ):
         if frame is None:
             _blank(ax, "not in the files")
