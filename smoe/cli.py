@@ -424,7 +424,221 @@ def _run_aggregate(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
-FIGURES = ("routing", "predictions", "curves", "bars", "kernels", "dynamics", "experts")
+def _add_cluster_data(sub: argparse._SubParsersAction) -> None:
+    from smoe.data.clusters import SETTING_KEYS, SETTINGS, SPLITS
+
+    fields = ", ".join(key for key in SETTING_KEYS if key != "setting")
+    p = sub.add_parser(
+        "cluster-data",
+        help="generate one split of a synthetic-cluster setting into a zarr store",
+        description="Generate the train or test split of one of the synthetic-cluster "
+        "settings of Chen et al. (2022), s1..s4, and write it as a zarr v3 store (written to "
+        "<out>.partial, renamed when complete). Both splits of a seed share the generating "
+        "vectors.",
+    )
+    p.add_argument("--setting", choices=tuple(SETTINGS), required=True, help="the setting")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a field of the setting (VALUE read as YAML, ranges as [low, high]); "
+        f"fields: {fields}",
+    )
+    p.add_argument(
+        "--seed", type=_seed(MAX_DATA_SEED), required=True, help="seed of the data set (0 or more)"
+    )
+    p.add_argument("--split", choices=SPLITS, required=True, help="which split")
+    p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing store at --out (without it an existing store is refused)",
+    )
+    p.set_defaults(run=_run_cluster_data)
+
+
+def cluster_overrides(items: Sequence[str]) -> dict:
+    """``--set KEY=VALUE`` items as a mapping, each VALUE read as YAML ('400' -> 400,
+    '[0.5, 2]' -> [0.5, 2.0])."""
+    import re
+
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: give KEY=VALUE, e.g. --set n_train=2000")
+        if key == "setting":
+            raise InputError("--set setting=...: choose the setting with --setting")
+        if key in overrides:
+            raise InputError(f"--set {key}: given twice")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(f"--set {key}: {text!r} is not a value") from None
+        if isinstance(value, str) and re.fullmatch(r"[-+.\deE]+", value):
+            try:
+                value = float(value)  # '1e-3' is a string to YAML 1.1
+            except ValueError:
+                pass
+        overrides[key] = value
+    return overrides
+
+
+def _run_cluster_data(args: argparse.Namespace) -> None:
+    import re
+
+    from smoe.data.cluster_store import write_cluster_split
+    from smoe.data.clusters import make_setting
+
+    replacing = args.out.is_dir()
+    overrides = cluster_overrides(args.overrides)
+    try:
+        setting = make_setting({**overrides, "setting": args.setting}, key="--set")
+    except InputError as exc:  # "--set.dim: ..." -> "--set dim: ..."
+        raise InputError(re.sub(r"^--set\.", "--set ", str(exc))) from None
+    out = write_cluster_split(setting, args.seed, args.split, args.out, args.overwrite)
+    print(
+        f"{'replaced existing store' if replacing else 'wrote'} {out}: setting {setting.name}, "
+        f"{setting.samples(args.split)} {args.split} samples x {setting.patches} patches x "
+        f"{setting.dim} dims, seed {args.seed}"
+    )
+
+
+def _add_cluster_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster-train",
+        help="train one synthetic-cluster model with one seed",
+        description="Train a cluster-family model (cluster_moe or cluster_single) full batch on "
+        "a train store, holding out the spec's val_fraction of it to select the best epoch. The "
+        "model comes from a workflow config (--config and --model, under clusters.models) or a "
+        "resolved spec (--spec, as the workflow passes it).",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="workflow config file (with --model)")
+    source.add_argument("--spec", help="resolved model spec as JSON")
+    p.add_argument("--model", help="model name under 'clusters.models' in --config")
+    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
+    p.add_argument(
+        "--seed", type=_seed(MAX_TRAIN_SEED), required=True, help="training seed (0 to 2**32-1)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for best.pt, last.pt, history.csv, train.json",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_cluster_train)
+
+
+def _run_cluster_train(args: argparse.Namespace) -> None:
+    import json
+
+    from smoe.config import cluster_model_spec, load_config, validate_cluster_spec
+    from smoe.data.cluster_store import open_cluster_split
+
+    if args.config is not None:
+        if not args.model:
+            raise InputError("--config needs --model NAME (a name under 'clusters.models')")
+        spec = cluster_model_spec(load_config(args.config), args.model)
+    else:
+        try:
+            raw = json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--spec is not JSON: {exc}") from exc
+        spec = validate_cluster_spec(raw)
+    open_cluster_split(args.train_store)  # a missing or damaged store, named, before torch
+    from smoe.train.cluster_task import train_cluster
+
+    summary = train_cluster(spec, args.train_store, args.seed, args.out, args.progress)
+    details = ", ".join(
+        f"{key} {summary[key]}" for key in ("epochs", "best_epoch", "stop_reason") if key in summary
+    )
+    print(
+        f"trained {spec.name} (seed {args.seed}) into {args.out}"
+        + (f": {details}" if details else "")
+    )
+
+
+def _add_cluster_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster-evaluate",
+        help="test metrics of a trained synthetic-cluster model (its best checkpoint)",
+        description="Evaluate best.pt of smoe cluster-train on a test store: accuracy and, for "
+        "an MoE, the dispatch of samples to experts per cluster and its entropy (on the "
+        "train store, as the paper measures it).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from cluster-train")
+    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
+    p.add_argument(
+        "--train-store", type=Path, required=True, help="train split (.zarr): dispatch entropy"
+    )
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    p.set_defaults(run=_run_cluster_evaluate)
+
+
+def _run_cluster_evaluate(args: argparse.Namespace) -> None:
+    from smoe.data.cluster_store import open_cluster_split
+
+    if not args.checkpoint.is_file():
+        raise InputError(
+            f"checkpoint {str(args.checkpoint)!r} does not exist (train it with smoe cluster-train)"
+        )
+    for store in (args.store, args.train_store):
+        open_cluster_split(store)  # a missing or damaged store, named, before torch
+    from smoe.train.cluster_task import evaluate_cluster_checkpoint
+    from smoe.train.evaluate import write_json
+
+    result = evaluate_cluster_checkpoint(args.checkpoint, args.store, args.train_store)
+    write_json(result, args.out)
+    summary = {
+        key: value
+        for key, value in (result.get("metrics") or result).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    shown = ", ".join(f"{key} = {value:.6g}" for key, value in list(summary.items())[:4])
+    print(f"wrote {args.out}" + (f": {shown}" if shown else ""))
+
+
+def _add_cluster_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster-table",
+        help="the synthetic-cluster table (CSV, Markdown and HTML)",
+        description="Aggregate metrics JSON files of smoe cluster-evaluate into table.csv, "
+        "table.md and table.html: test accuracy (and, for an MoE, dispatch entropy) per setting "
+        "and model, mean +- std over seeds, beside the figures Chen et al. (2022) publish.",
+    )
+    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
+    p.set_defaults(run=_run_cluster_table)
+
+
+CLUSTER_TABLES = ("table.csv", "table.md", "table.html")
+
+
+def _run_cluster_table(args: argparse.Namespace) -> None:
+    from smoe.report.cluster_table import cluster_table
+
+    outputs = cluster_table(args.metrics, args.out_dir)
+    print("wrote " + ", ".join(str(path) for path in outputs.values()))
+
+
+FIGURES = (
+    "routing",
+    "predictions",
+    "curves",
+    "bars",
+    "kernels",
+    "dynamics",
+    "experts",
+    "dispatch",
+    "projection",
+)
 
 
 def _add_figure(sub: argparse._SubParsersAction) -> None:
@@ -435,7 +649,10 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         "routing (true map beside each SMoE routing map), predictions (input/target/"
         "prediction/error per model), curves (learning curves), bars (metrics per model), "
         "kernels (learned kernels beside the true stencils), dynamics (SMoE misrouted fraction, "
-        "RC loss and routing agreement per epoch), experts (SMoE expert x region-type counts).",
+        "RC loss and routing agreement per epoch), experts (SMoE expert x region-type counts); "
+        "for the synthetic clusters: dispatch (samples of each cluster per expert, with the "
+        "dispatch entropy, per MoE), projection (a split's samples projected on the "
+        "generating vectors).",
     )
     p.add_argument("kind", choices=FIGURES, help="which figure")
     p.add_argument(
@@ -443,7 +660,10 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="metrics JSON files (routing, bars, kernels, experts)",
+        help="metrics JSON files (routing, bars, kernels, experts, dispatch)",
+    )
+    p.add_argument(
+        "--store", type=Path, default=None, help="synthetic-cluster split .zarr (projection)"
     )
     p.add_argument("--mask", type=Path, default=None, help="region map .npy/.nc (routing)")
     p.add_argument(
@@ -483,6 +703,8 @@ def _run_figure(args: argparse.Namespace) -> None:
         "kernels": ("metrics",),
         "dynamics": ("histories",),
         "experts": ("metrics",),
+        "dispatch": ("metrics",),
+        "projection": ("store",),
     }
     for option in needs[args.kind]:
         if not getattr(args, option):
@@ -511,6 +733,17 @@ def _run_figure(args: argparse.Namespace) -> None:
         paths = expert_region_figure(
             figures.load_metrics(args.metrics), args.out, sources=args.metrics
         )
+    elif args.kind == "dispatch":
+        from smoe.report.aggregate import load_results
+        from smoe.report.cluster_figures import dispatch_figure
+
+        paths = dispatch_figure(load_results(args.metrics, required=()), args.out)
+    elif args.kind == "projection":
+        from smoe.data.cluster_store import open_cluster_split
+        from smoe.report.cluster_figures import projection_figure
+
+        open_cluster_split(args.store)  # a missing or damaged store, named
+        paths = projection_figure(args.store, args.out)
     else:
         paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out, args.metrics)
     print("wrote " + ", ".join(str(path) for path in paths))
@@ -589,6 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_tune_lr,
         _add_evaluate,
         _add_aggregate,
+        _add_cluster_data,
+        _add_cluster_train,
+        _add_cluster_evaluate,
+        _add_cluster_table,
         _add_figure,
         _add_provenance,
         _add_check_config,
@@ -623,10 +860,19 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
 
         tables = [args.out_dir / name for name in OUTPUTS.values()]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
+    if command == "cluster-data":
+        return [], [(args.out, "folder")]
+    if command == "cluster-train":
+        return [args.config, args.train_store], [(args.out, "folder")]
+    if command == "cluster-evaluate":
+        return [args.checkpoint, args.store, args.train_store], [(args.out, "file")]
+    if command == "cluster-table":
+        tables = [args.out_dir / name for name in CLUSTER_TABLES]
+        return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
     if command == "figure":
         from smoe.report.figures import figure_paths
 
-        inputs = [*args.metrics, args.mask, *args.predictions, *args.histories]
+        inputs = [*args.metrics, args.mask, *args.predictions, *args.histories, args.store]
         return inputs, [(path, "file") for path in figure_paths(args.out)]
     return [], []
 

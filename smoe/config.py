@@ -28,6 +28,8 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from smoe import option_schema
+from smoe.data.clusters import SETTINGS as CLUSTER_SETTINGS
+from smoe.data.clusters import ClusterSetting, make_setting
 from smoe.data.heat import HeatParams
 from smoe.errors import InputError
 from smoe.models.names import GATE_NAMES, MODEL_KINDS
@@ -35,6 +37,10 @@ from smoe.models.names import GATE_NAMES, MODEL_KINDS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 SPLITS = ("train", "val", "test")
+CLUSTER_SPLITS = ("train", "test")
+"""Splits of the synthetic-cluster data; validation is carved from train by the trainer."""
+CLUSTER_DATA_KEYS = ("seed", "val_fraction")
+"""Keys of ``clusters.data`` that are not overrides of the settings' fields."""
 SPEC_KEYS = ("name", "kind", "options", "train", "data", "evaluate")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """Model names become folder and file names: letters, digits, '.', '_' and '-'."""
@@ -421,11 +427,18 @@ def check_config(
     lines += _rtol_scale_errors(config)
     _resolve_select_metrics(config)
     lines += check_models(config, schema)
+    lines += check_clusters(config, schema)
     wanted: dict[str, list[str]] = {}
     for name, model in config["models"].items():
         if deep_merge(config["train"], model["train"]).get("device") == "cuda":
             key = f"models.{name}.train.device" if "device" in model["train"] else "train.device"
             wanted.setdefault(key, []).append(name)
+    if config["clusters"]["enabled"] and not lines:
+        for name, model in config["clusters"]["models"].items():
+            if cluster_model_spec(config, name).train["device"] == "cuda":
+                own = "device" in model["train"]
+                key = f"clusters.models.{name}.train.device" if own else "clusters.train.device"
+                wanted.setdefault(key, []).append(name)
     lines += _cuda_errors(wanted, mode, executor, warn or _warn_stderr)
     lines = list(dict.fromkeys(lines))  # a key shared by several models is named once
     if lines:
@@ -742,6 +755,179 @@ def validate_spec(
         steps,
     )
     if spec["train"]["device"] == "cuda":
+        mode = gpu_check_mode() if gpu is None else gpu
+        lines += _cuda_errors({"train.device": [name]}, mode, None, _warn_stderr, label)
+    if lines:
+        raise InputError("invalid model spec:\n  " + "\n  ".join(lines))
+    return ModelSpec.from_dict(spec)
+
+
+# -- the synthetic-cluster family ---------------------------------------------------------
+
+
+def cluster_data_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``clusters.data`` that override every chosen setting's fields."""
+    data = config["clusters"]["data"]
+    return {key: value for key, value in data.items() if key not in CLUSTER_DATA_KEYS}
+
+
+def cluster_setting(config: dict[str, Any], name: str) -> ClusterSetting:
+    """Setting ``name`` (s1..s4) with the config's overrides, validated; errors name
+    ``clusters.data.<field>``."""
+    return make_setting({**cluster_data_overrides(config), "setting": name}, key="clusters.data")
+
+
+def _cluster_sections(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The schemas of a cluster model spec's train, data and evaluate sections."""
+    data = schema["properties"]["clusters"]["properties"]["data"]["properties"]
+    return {
+        "train": {**schema["$defs"]["cluster_train"], "$defs": schema["$defs"]},
+        "data": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"val_fraction": data["val_fraction"]},
+        },
+        "evaluate": {"type": "object", "additionalProperties": False, "properties": {}},
+    }
+
+
+def _setting_message(exc: InputError) -> str:
+    """'clusters.data.dim: ...' -> "config key 'clusters.data.dim': ..."."""
+    return re.sub(r"^(clusters\.data[\w.\[\]]*): ", r"config key '\1': ", str(exc))
+
+
+def _val_fraction_errors(setting: ClusterSetting, fraction: float) -> str:
+    """Why holding out ``fraction`` of the train split leaves a part empty ("" when not)."""
+    held = setting.n_train * fraction
+    if held < 1:
+        return (
+            f"config key 'clusters.data.val_fraction': {fraction} of {setting.n_train} train "
+            f"samples holds out {held:g}, less than one validation sample; raise it or "
+            "clusters.data.n_train"
+        )
+    if setting.n_train - held < 1:
+        return (
+            f"config key 'clusters.data.val_fraction': {fraction} of {setting.n_train} train "
+            "samples leaves less than one sample to train on; lower it or raise "
+            "clusters.data.n_train"
+        )
+    return ""
+
+
+def cluster_model_errors(
+    kind: str,
+    options: dict[str, Any],
+    base: tuple,
+    label: str = "config key",
+) -> list[str]:
+    """What building a cluster-family model would refuse in its options (coerced in place);
+    ``base`` is the options' key path in messages."""
+    known = option_schema.CLUSTER_MODEL_KINDS
+    if kind not in known:
+        return [
+            f"{label} '{_dotted(base[:-1] + ('kind',))}': unknown model kind {kind!r}; "
+            f"known kinds: {', '.join(known)}"
+        ]
+    kind_schema = option_schema.cluster_kind_schema(kind)
+    coerce_strings(options, kind_schema)
+    lines = _schema_errors(options, kind_schema, base, label)
+    if not lines:
+        for where, message in option_schema.cluster_cross_errors(kind, options):
+            lines.append(f"{label} '{_dotted([*base, *_split_key(where)])}': {message}")
+    return lines
+
+
+def check_clusters(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """The ``clusters`` section: settings (with the data overrides, as the data job makes
+    them), the validation share, every model's options and merged training settings, and
+    what an enabled family needs. Checked whether or not the family is enabled."""
+    clusters = config["clusters"]
+    lines = []
+    if clusters["enabled"] and not clusters["settings"]:
+        lines.append(
+            "config key 'clusters.settings': no setting is chosen, but clusters.enabled is "
+            f"true; choose at least one of {', '.join(CLUSTER_SETTINGS)}"
+        )
+    if clusters["enabled"] and not clusters["models"]:
+        lines.append(
+            "config key 'clusters.models': no models are defined, but clusters.enabled is "
+            "true; define at least one, e.g. models: {moe: {kind: cluster_moe}}"
+        )
+    problems: dict[str, list[str]] = {}
+    for name in clusters["settings"]:
+        try:
+            setting = cluster_setting(config, name)
+        except InputError as exc:
+            problems.setdefault(_setting_message(exc), []).append(name)
+            continue
+        problem = _val_fraction_errors(setting, clusters["data"]["val_fraction"])
+        if problem:
+            problems.setdefault(problem, []).append(name)
+    for message, names in problems.items():
+        lines.append(f"{message} (setting{'s' if len(names) > 1 else ''} {', '.join(names)})")
+    train_schema = _cluster_sections(schema)["train"]
+    for name, model in clusters["models"].items():
+        base = ("clusters", "models", name, "options")
+        lines += cluster_model_errors(model["kind"], model["options"], base)
+        coerce_strings(model["train"], train_schema)
+        merged = deep_merge(clusters["train"], model["train"])
+        lines += _schema_errors(
+            merged, train_schema, ("clusters", "models", name, "train"), "config key"
+        )
+    return lines
+
+
+def cluster_model_spec(config: dict[str, Any], name: str) -> ModelSpec:
+    """The resolved spec of cluster-family model ``name`` in a validated config: what its
+    train job's params hold, so editing one model retrains only that model."""
+    models = config["clusters"]["models"]
+    if name not in models:
+        raise InputError(
+            f"model {name!r} is not defined under 'clusters.models' "
+            f"(defined: {', '.join(models) or 'none'})"
+        )
+    model = models[name]
+    return ModelSpec(
+        name=name,
+        kind=model["kind"],
+        options=copy.deepcopy(model["options"]),
+        train=deep_merge(config["clusters"]["train"], model["train"]),
+        data={"val_fraction": config["clusters"]["data"]["val_fraction"]},
+        evaluate={},
+    )
+
+
+def validate_cluster_spec(raw: Any, *, gpu: str | None = None) -> ModelSpec:
+    """A cluster model spec (``smoe cluster-train --spec``) checked as the workflow checks a
+    config's cluster model; missing train and data keys get their defaults."""
+    label = "--spec key"
+    if not isinstance(raw, dict):
+        raise InputError(f"--spec must be a JSON object with the keys {', '.join(SPEC_KEYS)}")
+    lines = [
+        f"{label} '{k}': unknown key; known: {', '.join(SPEC_KEYS)}"
+        for k in raw
+        if k not in SPEC_KEYS
+    ]
+    lines += [f"{label} '{k}' is missing" for k in SPEC_KEYS if k not in raw]
+    if lines:
+        raise InputError("invalid model spec:\n  " + "\n  ".join(lines))
+    spec = copy.deepcopy(raw)
+    name = spec["name"]
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        lines.append(
+            f"{label} 'name': {name!r} is not safe as a folder name (letters, digits, '.', "
+            "'_' and '-', starting with a letter or digit)"
+        )
+    if not isinstance(spec["options"], dict):
+        lines.append(f"{label} 'options': {spec['options']!r} is not a mapping of options")
+    elif not isinstance(spec["kind"], str):
+        lines.append(f"{label} 'kind': {spec['kind']!r} is not a model kind")
+    else:
+        lines += cluster_model_errors(spec["kind"], spec["options"], ("options",), label)
+    for section, section_schema in _cluster_sections(load_schema()).items():
+        coerce_strings(spec[section], section_schema)
+        lines += _schema_errors(spec[section], section_schema, (section,), label, defaults=True)
+    if not lines and spec["train"]["device"] == "cuda":
         mode = gpu_check_mode() if gpu is None else gpu
         lines += _cuda_errors({"train.device": [name]}, mode, None, _warn_stderr, label)
     if lines:

@@ -8,13 +8,18 @@ import functools
 import json
 import os
 import re
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
 from smoe.config import (
+    CLUSTER_SPLITS,
     SPLITS,
     Config,
+    cluster_data_overrides,
+    cluster_model_spec,
+    cluster_setting,
     gpu_check_mode,
     model_spec,
     models_to_run,
@@ -22,6 +27,7 @@ from smoe.config import (
 )
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
+from smoe.option_schema import cluster_defaults
 from smoe.stale import stale_outputs
 
 
@@ -95,6 +101,7 @@ RESULTS_CATEGORY = "Results"
 DIAGNOSTICS_CATEGORY = "Training diagnostics"
 PROVENANCE_CATEGORY = "Versions and configuration"
 FAMILY = "Heat diffusion (SMoE)"
+CLUSTERS_FAMILY = "Synthetic clusters (Chen et al. 2022)"
 
 
 MODELS = models_to_run(config)
@@ -210,8 +217,11 @@ def report_targets():
 
 
 def all_targets():
-    """Data -> train -> evaluate -> aggregate -> figures."""
-    return data_targets() + metrics_targets() + report_targets()
+    """Data -> train -> evaluate -> aggregate -> figures, for every enabled family."""
+    targets = data_targets() + metrics_targets() + report_targets()
+    if config["clusters"]["enabled"]:
+        targets += cluster_targets()
+    return targets
 
 
 def resolved_config_json():
@@ -336,3 +346,145 @@ def simulate_runtime(wildcards):
     height, width = _grid_shape()
     updates = CFG.splits[wildcards.split].runs * CFG.heat.steps * height * width
     return max(10, int(10 * updates / 4e8))
+
+
+# -- the synthetic-cluster family (Chen et al. 2022): results/clusters/ ---------------------
+# `clusters.enabled` puts the family into `rule all`; the named targets `clusters` and
+# `clusters_table` build it from its section either way.
+
+CLUSTERS = config["clusters"]
+CLUSTER_DIR = f"{RESULTS}/clusters"
+CLUSTER_SETTINGS = list(CLUSTERS["settings"])
+CLUSTER_MODELS = list(CLUSTERS["models"])
+CLUSTER_SEEDS = [str(seed) for seed in CLUSTERS["seeds"]]
+CLUSTER_TABLES = {
+    "csv": f"{CLUSTER_DIR}/table.csv",
+    "markdown": f"{CLUSTER_DIR}/table.md",
+    "html": f"{CLUSTER_DIR}/table.html",
+}
+CLUSTER_WILDCARDS = {
+    "setting": "|".join(CLUSTER_SETTINGS) or "no-settings",
+    "split": "|".join(CLUSTER_SPLITS),
+    "model": "|".join(map(re.escape, CLUSTER_MODELS)) or "no-models",
+}
+
+
+def cluster_store(setting, split):
+    return f"{CLUSTER_DIR}/data/{setting}/{split}.zarr"
+
+
+def cluster_data_targets():
+    return [
+        cluster_store(setting, split)
+        for setting in CLUSTER_SETTINGS
+        for split in CLUSTER_SPLITS
+    ]
+
+
+def _cluster_metrics(models):
+    return [
+        f"{CLUSTER_DIR}/metrics/{setting}/{model}/seed{seed}.json"
+        for setting in CLUSTER_SETTINGS
+        for model in models
+        for seed in CLUSTER_SEEDS
+    ]
+
+
+def cluster_metrics_targets():
+    """One test-metrics JSON per setting x model x seed."""
+    return _cluster_metrics(CLUSTER_MODELS)
+
+
+def cluster_moe_models():
+    return [m for m in CLUSTER_MODELS if CLUSTERS["models"][m]["kind"] == "cluster_moe"]
+
+
+def cluster_moe_metrics_targets():
+    """Metrics of the MoE models only: the dispatch figure needs their routing."""
+    return _cluster_metrics(cluster_moe_models())
+
+
+def cluster_figure_targets():
+    """The dispatch figure (when an MoE is configured) and one projection per setting."""
+    names = ["dispatch"] if cluster_moe_models() else []
+    names += [f"projection_{setting}" for setting in CLUSTER_SETTINGS]
+    return [
+        f"{CLUSTER_DIR}/figures/{name}.{fmt}"
+        for name in names
+        for fmt in ("png", "svg")
+    ]
+
+
+def cluster_targets():
+    """Stores -> trained models -> metrics -> table and figures of the cluster family."""
+    if not (CLUSTER_SETTINGS and CLUSTER_MODELS):
+        return []
+    return (
+        cluster_data_targets()
+        + cluster_metrics_targets()
+        + list(CLUSTER_TABLES.values())
+        + cluster_figure_targets()
+    )
+
+
+def cluster_table_inputs():
+    """The table target: nothing when the section has no setting or no model."""
+    return [CLUSTER_TABLES["csv"]] if CLUSTER_SETTINGS and CLUSTER_MODELS else []
+
+
+def cluster_data_args(wildcards):
+    """Options of `smoe cluster-data` for one setting: its name, the data seed and every
+    override of clusters.data (each value as YAML, quoted for the shell)."""
+    args = [f"--setting {wildcards.setting}", f"--seed {CLUSTERS['data']['seed']}"]
+    for key, value in cluster_data_overrides(config).items():
+        args.append(f"--set {shlex.quote(f'{key}={json.dumps(value)}')}")
+    return " ".join(args)
+
+
+def _cluster_sizes(setting):
+    """(samples, values per sample) of a setting's train split."""
+    s = cluster_setting(config, setting)
+    return s.n_train, s.patches * s.dim
+
+
+def cluster_data_mem_mb(wildcards):
+    """One split generated in float64, about four copies of it, plus the framework."""
+    s = cluster_setting(config, wildcards.setting)
+    samples = s.samples(wildcards.split)
+    return int(1000 + 4 * samples * s.patches * s.dim * 8 / 2**20)
+
+
+def cluster_model_dir(wildcards):
+    return f"{CLUSTER_DIR}/models/{wildcards.setting}/{wildcards.model}/seed{wildcards.seed}"
+
+
+def cluster_spec_json(wildcards):
+    """The model's resolved spec: a change to it (and only to it) retrains the model."""
+    return cluster_model_spec(config, wildcards.model).to_json()
+
+
+def cluster_train_threads(wildcards):
+    return cluster_model_spec(config, wildcards.model).train["threads"]
+
+
+def cluster_train_gpus(wildcards):
+    """A GPU only when the model's config sends it to CUDA."""
+    device = cluster_model_spec(config, wildcards.model).train["device"]
+    return 1 if device == "cuda" else 0
+
+
+def cluster_train_mem_mb(wildcards):
+    """The train split (full batch) and its activations several times over, plus PyTorch."""
+    samples, values = _cluster_sizes(wildcards.setting)
+    return int(2000 + 16 * samples * values * 4 / 2**20)
+
+
+def cluster_train_runtime(wildcards):
+    """Cluster time limit in minutes, from the epochs, the split's size and the filters
+    (all experts counted), at a slow core's 1e9 multiply-adds a second, times ten."""
+    samples, values = _cluster_sizes(wildcards.setting)
+    spec = cluster_model_spec(config, wildcards.model)
+    options = {**cluster_defaults(spec.kind), **spec.options}
+    filters = 2 * options.get("filters_per_class", 8) * options.get("experts", 1)
+    work = 3 * spec.train["epochs"] * samples * values * filters
+    return max(30, int(10 * work / 1e9 / 60) + 30)
