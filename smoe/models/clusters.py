@@ -407,3 +407,68 @@ def cluster_optimizer(
         )
         return torch.optim.Adam(model.parameters(), lr=step, weight_decay=decay)
     raise TypeError(f"no cluster optimiser for {type(model).__name__}")
+
+
+CLUSTER_KINDS = ("cluster_moe", "cluster_single")
+"""Model kinds of the cluster family: the paper's MoE and the single-CNN baseline."""
+
+KIND_OPTIONS = {
+    "cluster_moe": (
+        "experts",
+        "filters_per_class",
+        "activation",
+        "init_scale",
+        "top_k",
+        "train_noise",
+        "test_noise",
+        "load_balancing",
+        "classes",
+        "bias",
+    ),
+    "cluster_single": ("filters_per_class", "classes", "activation", "init_scale", "bias"),
+}
+"""Options of each kind (the constructor's arguments but ``dim``, which the data give)."""
+
+SINGLE_INIT_SCALE = 1.0
+"""Default init of the single-CNN baselines: PyTorch's, unscaled, as the official code."""
+
+
+def build_cluster_model(kind: str, options: dict[str, Any] | None, dim: int) -> nn.Module:
+    """A cluster-family model from its kind and options; ``dim`` comes from the data.
+
+    ``cluster_moe`` is :class:`ClusterMoE` (defaults: the paper's 8 experts of 16 cubic
+    filters, init 1e-3, top-1, noise in training only); ``cluster_single`` is
+    :class:`PatchCNN` with ``init_scale`` 1 by default (the official singles keep PyTorch's
+    init; the experts' 1e-3 is the MoE's). Unknown options and bad values raise an
+    InputError naming the option.
+    """
+    if kind not in CLUSTER_KINDS:
+        raise InputError(
+            f"unknown cluster model kind {kind!r}; known kinds: {', '.join(CLUSTER_KINDS)}"
+        )
+    options = dict(options or {})
+    known = KIND_OPTIONS[kind]
+    for name in options:
+        if name not in known:
+            hint = " (the data give it)" if name == "dim" else ""
+            raise InputError(
+                f"{kind} option {name!r} is not known{hint}; known options: {', '.join(known)}"
+            )
+    for name in ("bias", "train_noise", "test_noise"):
+        if name in options and not isinstance(options[name], bool):
+            raise InputError(f"{kind} option {name} must be true or false, got {options[name]!r}")
+    if "activation" in options and options["activation"] not in ACTIVATIONS:
+        raise InputError(
+            f"{kind} option activation: unknown activation {options['activation']!r}; "
+            f"valid: {', '.join(ACTIVATIONS)}"
+        )
+    classes = options.get("classes", 2)
+    if isinstance(classes, int) and not isinstance(classes, bool) and classes < 2:
+        raise InputError(f"{kind} option classes must be at least 2, got {classes}")
+    try:
+        if kind == "cluster_moe":
+            return ClusterMoE(dim, **options)
+        options.setdefault("init_scale", SINGLE_INIT_SCALE)
+        return PatchCNN(dim, **options)
+    except InputError as exc:
+        raise InputError(f"{kind} option {exc}") from None

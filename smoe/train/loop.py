@@ -1,20 +1,29 @@
 """Training: config-driven, seeded, resumable, on CPU or CUDA (mixed precision on CUDA only).
 
-One call of :func:`train` trains one model with one seed and leaves in its folder
-``best.pt`` (the checkpoint evaluation uses: the best validation epoch, never the last by
-accident), ``last.pt`` (everything needed to resume), ``history.csv`` (one row per epoch)
-and ``train.json`` (a summary). A job killed mid-training resumes from ``last.pt`` and ends
-with the same metrics as an uninterrupted run: every random state is checkpointed. A
-``last.pt`` is only resumed when its model spec, seed and data (what the train and
-validation stores were generated from) are this run's; otherwise, or when it cannot be read,
-training starts from scratch and the log says why.
+One trainer, every experiment family. :class:`TaskTrainer` owns what all families share:
+seeding, device and precision, determinism, the optimizer and scheduler, checkpoints and
+resuming, the history, the progress bar, selection of the best epoch, the stop rules and
+the summary. A family supplies a small :class:`TrainingTask`: its data, its model, its
+optimizer (default :func:`make_optimizer`), one training epoch, one validation, what its data
+were made from, and optionally a stop rule of its own. The heat family's task is
+:class:`HeatTask` (below, with :class:`Trainer` and :func:`train`, the heat entry points);
+the synthetic-cluster family's is :class:`smoe.train.cluster_task.ClusterTask`.
 
-For SMoE models each validation pass also counts which expert the final layer chose at each
-point (:class:`smoe.train.evaluate.RoutingTally`); the validation metrics gain the routing
-agreement with the true region map, ``routing_agreement`` and ``map_agreement`` (percent),
-so the history has them per epoch (``val_routing_agreement``, ``val_map_agreement``) and
-``train.json`` for the best epoch. The count only reads the routing: nothing learned or
-selected depends on it.
+One run trains one model with one seed and leaves in its folder ``best.pt`` (the checkpoint
+evaluation uses: the best validation epoch, never the last by accident), ``last.pt``
+(everything needed to resume), ``history.csv`` (one row per epoch) and ``train.json`` (a
+summary). A job killed mid-training resumes from ``last.pt`` and ends with the same metrics
+as an uninterrupted run: every random state is checkpointed. A ``last.pt`` is only resumed
+when its model spec, seed and data (what the task's data were generated from) are this
+run's; otherwise, or when it cannot be read, training starts from scratch and the log says
+why.
+
+For SMoE models of the heat family each validation pass also counts which expert the final
+layer chose at each point (:class:`smoe.train.evaluate.RoutingTally`); the validation
+metrics gain the routing agreement with the true region map, ``routing_agreement`` and
+``map_agreement`` (percent), so the history has them per epoch (``val_routing_agreement``,
+``val_map_agreement``) and ``train.json`` for the best epoch. The count only reads the
+routing: nothing learned or selected depends on it.
 """
 
 from __future__ import annotations
@@ -65,40 +74,6 @@ def use_deterministic_algorithms(device: torch.device) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
-
-
-def make_datasets(spec: ModelSpec, train_store: Path, val_store: Path) -> tuple[HeatPairs, ...]:
-    """Train and validation pairs, both scaled with the train split's statistics."""
-    data = spec.data
-    normalizer = Normalizer.fit(train_store, data["normalization"])
-    options = dict(
-        context=data["context"],
-        mask_channel=data["mask_channel"],
-        normalizer=normalizer,
-        eager=data["eager"],
-    )
-    train_set = HeatPairs(train_store, **options)
-    val_set = HeatPairs(val_store, **options)
-    if (val_set.height, val_set.width) != (train_set.height, train_set.width) or not torch.equal(
-        val_set.mask, train_set.mask
-    ):
-        raise InputError(
-            f"store {str(val_store)!r} has a different grid or region map than "
-            f"{str(train_store)!r}; both splits must come from the same mask"
-        )
-    return train_set, val_set
-
-
-def check_in_channels(model: nn.Module, dataset: HeatPairs, name: str) -> None:
-    """Fail early, with both numbers, when a model was built for other input channels."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    expected = getattr(first, "in_channels", None)
-    if first is not None and expected not in (dataset.in_channels, dataset.in_channels + 2):
-        raise InputError(
-            f"model {name!r} expects {expected} input channels but {str(dataset.store_path)!r} "
-            f"gives {dataset.in_channels} (1 frame + {dataset.context} context"
-            f"{' + mask' if dataset.in_channels > 1 + dataset.context else ''})"
-        )
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None) -> list[dict[str, Any]]:
@@ -156,20 +131,88 @@ class TrainState:
     stop_reason: str = ""
 
 
-class Trainer:
-    """Trains one model with one seed into ``out_dir``; see the module docstring."""
+class TrainingTask:
+    """What one experiment family supplies to :class:`TaskTrainer`.
+
+    The trainer calls, in this order: :meth:`load` (after seeding every generator, with the
+    device chosen), :meth:`build_model` (the global torch generator is seeded, so the
+    initial weights follow from the run's seed), :meth:`make_optimizer` and
+    :meth:`make_scheduler` (only for a model with trainable parameters), then per epoch
+    :meth:`train_epoch` and :meth:`validate`, and after each epoch :meth:`stop_reason`.
+    :meth:`data_provenance` and :meth:`identity_spec` decide whether a ``last.pt`` is this
+    run's; :meth:`data_info` goes into every checkpoint for evaluation to read.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.spec.train
+
+    def load(self, device: torch.device) -> None:
+        """Read the data (called once, after seeding, before :meth:`build_model`)."""
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer; by default :func:`make_optimizer` of the train settings."""
+        return make_optimizer(model, self.settings)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The learning-rate scheduler or None; by default :func:`make_scheduler`."""
+        return make_scheduler(optimizer, self.settings)
+
+    def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
+        """Train ``trainer.model`` for one epoch; the values of the history row (at least
+        ``train_loss``). Random numbers come from the trainer's seeded generators
+        (``trainer.generator`` or torch's global one), which every checkpoint saves."""
+        raise NotImplementedError
+
+    def validate(self, trainer: TaskTrainer) -> dict[str, float]:
+        """Validation metrics of ``trainer.model``; ``train.select.metric`` names one of them.
+        In the history each becomes a column ``val_<name>`` (or ``<name>`` when it already
+        starts with ``val_``); names holding ``-`` stay out of the history."""
+        raise NotImplementedError
+
+    def data_provenance(self) -> dict[str, Any]:
+        """What the data were made from: a ``last.pt`` with other provenance is not resumed."""
+        raise NotImplementedError
+
+    def data_info(self) -> dict[str, Any]:
+        """What evaluation needs to know of the training data (tensors and plain values)."""
+        return {}
+
+    def identity_spec(self) -> dict[str, Any]:
+        """The part of the spec a resumed checkpoint must match (by default all of it)."""
+        return self.spec.to_dict()
+
+    def stop_reason(self, history: list[dict[str, Any]]) -> str:
+        """A family's own stop rule, read after every epoch ("" = go on)."""
+        return ""
+
+    def summary_info(self) -> dict[str, Any]:
+        """Extra entries of ``train.json`` (none by default)."""
+        return {}
+
+
+class TaskTrainer:
+    """Trains the model of one :class:`TrainingTask` with one seed into ``out_dir``; see the
+    module docstring. The train settings it reads itself: ``threads``, ``device``,
+    ``precision``, ``deterministic``, ``epochs``, ``select`` (``metric``, ``mode``),
+    ``stop_at`` and ``early_stop`` (both optional)."""
 
     def __init__(
         self,
-        spec: ModelSpec,
-        train_store: str | Path,
-        val_store: str | Path,
+        task: TrainingTask,
         seed: int,
         out_dir: str | Path,
         progress: bool = True,
     ) -> None:
-        self.spec = spec
-        self.settings = spec.train
+        self.task = task
+        self.spec = task.spec
+        self.settings = self.spec.train
         self.seed = seed
         self.out_dir = Path(out_dir)
         self.progress = progress
@@ -180,23 +223,11 @@ class Trainer:
         if self.settings["deterministic"]:
             use_deterministic_algorithms(self.device)
         self.generator = seed_everything(seed)
-        self.train_set, self.val_set = make_datasets(spec, Path(train_store), Path(val_store))
-        self.model = build_model(
-            spec.kind,
-            spec.options,
-            self.train_set.in_channels,
-            self.train_set.height,
-            self.train_set.width,
-            mask=self.train_set.mask,
-            name=spec.name,
-            region_diffusivity=self.train_set.diffusivity,
-            boundary=self.train_set.boundary,
-        ).to(self.device)
-        check_in_channels(self.model, self.train_set, spec.name)
-        self.smoe_layers = smoe_layers(self.model)
+        task.load(self.device)
+        self.model = task.build_model().to(self.device)
         self.params = parameter_count(self.model)
-        self.optimizer = make_optimizer(self.model, self.settings) if self.params else None
-        self.scheduler = make_scheduler(self.optimizer, self.settings) if self.params else None
+        self.optimizer = task.make_optimizer(self.model) if self.params else None
+        self.scheduler = task.make_scheduler(self.optimizer) if self.params else None
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
@@ -209,12 +240,9 @@ class Trainer:
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the spec, the seed and the data."""
         return {
-            "spec": self.spec.to_dict(),
+            "spec": self.task.identity_spec(),
             "seed": self.seed,
-            "data_provenance": {
-                "train": self.train_set.provenance,
-                "val": self.val_set.provenance,
-            },
+            "data_provenance": self.task.data_provenance(),
         }
 
     def log(self, message: str) -> None:
@@ -222,16 +250,7 @@ class Trainer:
         print(f"smoe train: {message}", file=sys.stderr, flush=True)
 
     def _data_info(self) -> dict[str, Any]:
-        return {
-            "normalizer": self.train_set.normalizer.to_dict(),
-            "in_channels": self.train_set.in_channels,
-            "height": self.train_set.height,
-            "width": self.train_set.width,
-            "mask": self.train_set.mask.clone(),
-            "diffusivity": list(self.train_set.diffusivity),
-            "boundary": self.train_set.boundary,
-            "train_store": str(self.train_set.store_path),
-        }
+        return self.task.data_info()
 
     def _save_last(self) -> None:
         s = self.state
@@ -272,6 +291,8 @@ class Trainer:
                 "val_metrics": s.best_metrics,
                 "params": self.params,
                 "train_time_s": s.elapsed_s,
+                "epochs": s.epoch,
+                "stop_reason": s.stop_reason,
             },
             self.out_dir / "best.pt",
         )
@@ -320,7 +341,8 @@ class Trainer:
         return False
 
     # -- training ----------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the configured precision (a no-op for float32)."""
         return torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -328,35 +350,287 @@ class Trainer:
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        self.model.train()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, aux, rc, mis
-        first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # data, loss
+        return self.task.train_epoch(self, epoch)
+
+    def _validate(self) -> dict[str, float]:
+        return self.task.validate(self)
+
+    def run(self) -> dict[str, Any]:
+        """Train until the epochs run out, early stopping or the target metric is reached."""
+        resumed = self._try_resume()
+        select = self.settings["select"]
+        metric_name = select["metric"]
+        s = self.state
+        if self.params == 0 and not resumed:
+            return self._finish_without_training(metric_name)
+        epochs = self.settings["epochs"]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=epochs,
+                initial=s.epoch,
+                desc=f"train {self.spec.name}",
+                unit="epoch",
+                mininterval=1.0,
+            )
+        while s.epoch < epochs and not s.stop_reason:
+            started = time.perf_counter()
+            row = {"epoch": s.epoch, **self._train_epoch(s.epoch)}
+            metrics = self._validate()
+            value = selected_value(metrics, metric_name)
+            row.update({_history_name(k): v for k, v in metrics.items() if "-" not in k})
+            groups = self.optimizer.param_groups
+            row["lr"] = groups[0]["lr"]
+            if len(groups) > 1:  # heat: the gate's group; clusters: the router's
+                row[f"{groups[-1].get('name', 'gate')}_lr"] = groups[-1]["lr"]
+            if is_better(value, s.best_metric, select["mode"]):
+                s.best_metric, s.best_epoch, s.stale_epochs = value, s.epoch, 0
+                s.best_model = copy.deepcopy(self.model.state_dict())
+                s.best_metrics = metrics
+            else:
+                s.stale_epochs += 1
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(value)
+            elif self.scheduler is not None:
+                self.scheduler.step()
+            s.epoch += 1
+            s.elapsed_s += time.perf_counter() - started
+            row["time_s"] = s.elapsed_s
+            s.history.append(row)
+            s.stop_reason = self._stop_reason(value)
+            if s.best_epoch == s.epoch - 1:
+                self._save_best()
+            self._save_last()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"loss": f"{row['train_loss']:.3g}", metric_name: f"{value:.4g}"})
+        if bar is not None:
+            bar.close()
+        s.stop_reason = s.stop_reason or "epochs"
+        self._save_best()
+        self._save_last()
+        return self._write_summary(metric_name)
+
+    def _stop_reason(self, value: float) -> str:
+        settings = self.settings
+        target = settings.get("stop_at")
+        if target is not None and not is_better(target, value, settings["select"]["mode"]):
+            return f"reached {settings['select']['metric']} {target}"
+        early_stop = settings.get("early_stop")
+        if early_stop and self.state.stale_epochs >= early_stop:
+            return f"no improvement for {early_stop} epochs"
+        return self.task.stop_reason(self.state.history)
+
+    def _finish_without_training(self, metric_name: str) -> dict[str, Any]:
+        """A model without parameters (persistence, an analytic predictor) is only validated;
+        one with candidate settings (the best single stencil) keeps the best on validation."""
+        s = self.state
+        mode = self.settings["select"]["mode"]
+        candidates = getattr(self.model, "candidates", lambda: ())()
+        for index, candidate in enumerate(candidates or [None]):
+            if candidate is not None:
+                self.model.choose(candidate)
+            metrics = self._validate()
+            value = selected_value(metrics, metric_name)
+            s.history.append(
+                {
+                    "epoch": index,
+                    **({"candidate": candidate} if candidate is not None else {}),
+                    **{_history_name(k): v for k, v in metrics.items() if "-" not in k},
+                }
+            )
+            if is_better(value, s.best_metric, mode):
+                s.best_metric, s.best_epoch, s.best_metrics = value, index, metrics
+                s.best_model = copy.deepcopy(self.model.state_dict())
+        s.epoch, s.stop_reason = len(s.history), "no trainable parameters"
+        if candidates:
+            chosen = s.history[s.best_epoch]["candidate"]
+            s.stop_reason += f"; chose {chosen} of {list(candidates)} on validation"
+        self._save_best()
+        return self._write_summary(metric_name)
+
+    def _write_summary(self, metric_name: str) -> dict[str, Any]:
+        s = self.state
+        self._write_history()
+        summary = {
+            "model": self.spec.name,
+            "kind": self.spec.kind,
+            "seed": self.seed,
+            "params": self.params,
+            "device": str(self.device),
+            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "epochs": s.epoch,
+            "best_epoch": s.best_epoch,
+            "select_metric": metric_name,
+            "best_value": s.best_metric,
+            "stop_reason": s.stop_reason,
+            "train_time_s": s.elapsed_s,
+            "resumed_from_epoch": self.resumed_from,
+            "fresh_start_reason": self.fresh_start_reason or None,
+            "val_metrics": s.best_metrics,
+            **self.task.summary_info(),
+        }
+        write_text_atomic(
+            self.out_dir / "train.json", json.dumps(summary, indent=2, default=_json_default)
+        )
+        return summary
+
+    def _write_history(self) -> None:
+        rows = self.state.history
+        columns: list[str] = []
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        with atomic_file(self.out_dir / "history.csv") as partial:
+            with open(partial, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+
+def _history_name(metric: str) -> str:
+    """The history column of a validation metric: ``val_`` in front, once."""
+    return metric if metric.startswith("val_") else f"val_{metric}"
+
+
+def selected_value(metrics: dict[str, float], name: str) -> float:
+    """The selection metric's value, or an error listing the metrics that exist."""
+    if name not in metrics:
+        raise InputError(
+            f"train.select.metric {name!r} is not a computed metric; "
+            f"available: {', '.join(sorted(metrics))}"
+        )
+    return metrics[name]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+# -- the heat family ----------------------------------------------------------------------
+
+
+def make_datasets(spec: ModelSpec, train_store: Path, val_store: Path) -> tuple[HeatPairs, ...]:
+    """Train and validation pairs, both scaled with the train split's statistics."""
+    data = spec.data
+    normalizer = Normalizer.fit(train_store, data["normalization"])
+    options = dict(
+        context=data["context"],
+        mask_channel=data["mask_channel"],
+        normalizer=normalizer,
+        eager=data["eager"],
+    )
+    train_set = HeatPairs(train_store, **options)
+    val_set = HeatPairs(val_store, **options)
+    if (val_set.height, val_set.width) != (train_set.height, train_set.width) or not torch.equal(
+        val_set.mask, train_set.mask
+    ):
+        raise InputError(
+            f"store {str(val_store)!r} has a different grid or region map than "
+            f"{str(train_store)!r}; both splits must come from the same mask"
+        )
+    return train_set, val_set
+
+
+def check_in_channels(model: nn.Module, dataset: HeatPairs, name: str) -> None:
+    """Fail early, with both numbers, when a model was built for other input channels."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    expected = getattr(first, "in_channels", None)
+    if first is not None and expected not in (dataset.in_channels, dataset.in_channels + 2):
+        raise InputError(
+            f"model {name!r} expects {expected} input channels but {str(dataset.store_path)!r} "
+            f"gives {dataset.in_channels} (1 frame + {dataset.context} context"
+            f"{' + mask' if dataset.in_channels > 1 + dataset.context else ''})"
+        )
+
+
+class HeatTask(TrainingTask):
+    """The heat family: next-frame prediction on heat-equation stores, minibatches of MSE
+    (plus the SMoE layers' auxiliary losses), validated with :func:`dataset_metrics`.
+
+    Driven by :class:`Trainer`, which passes its routing tally to :meth:`validate`.
+    """
+
+    def __init__(self, spec: ModelSpec, train_store: Path, val_store: Path) -> None:
+        super().__init__(spec)
+        self.train_store = Path(train_store)
+        self.val_store = Path(val_store)
+        self.smoe_layers: list = []
+
+    def load(self, device: torch.device) -> None:
+        self.train_set, self.val_set = make_datasets(self.spec, self.train_store, self.val_store)
+
+    def build_model(self) -> nn.Module:
+        spec, train_set = self.spec, self.train_set
+        model = build_model(
+            spec.kind,
+            spec.options,
+            train_set.in_channels,
+            train_set.height,
+            train_set.width,
+            mask=train_set.mask,
+            name=spec.name,
+            region_diffusivity=train_set.diffusivity,
+            boundary=train_set.boundary,
+        )
+        check_in_channels(model, train_set, spec.name)
+        self.smoe_layers = smoe_layers(model)
+        return model
+
+    def data_provenance(self) -> dict[str, Any]:
+        return {"train": self.train_set.provenance, "val": self.val_set.provenance}
+
+    def data_info(self) -> dict[str, Any]:
+        return {
+            "normalizer": self.train_set.normalizer.to_dict(),
+            "in_channels": self.train_set.in_channels,
+            "height": self.train_set.height,
+            "width": self.train_set.width,
+            "mask": self.train_set.mask.clone(),
+            "diffusivity": list(self.train_set.diffusivity),
+            "boundary": self.train_set.boundary,
+            "train_store": str(self.train_set.store_path),
+        }
+
+    def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
+        model, optimizer, scaler, device = (
+            trainer.model,
+            trainer.optimizer,
+            trainer.scaler,
+            trainer.device,
+        )
+        model.train()
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, rc, mis
+        first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # data, loss
         steps = 0
         batches = loader(
             self.train_set,
             self.settings["batch_size"],
             shuffle=True,
-            generator=self.generator,
+            generator=trainer.generator,
             workers=self.spec.data["workers"],
         )
         for step, (x, y) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            with self._autocast():
-                pred = self.model(x)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with trainer.autocast():
+                pred = model(x)
             loss = F.mse_loss(pred.float(), y)
-            aux = auxiliary_loss(self.model)
+            aux = auxiliary_loss(model)
             total = loss if aux is None else loss + aux
             bad_data = ~(torch.isfinite(x).all() & torch.isfinite(y).all())
             bad_loss = ~torch.isfinite(total)
             marker = torch.stack([bad_data, bad_loss]) & (first_bad < 0)
             first_bad = torch.where(marker, step, first_bad)
-            if step % 64 == 0 or self.device.type == "cpu":
+            if step % 64 == 0 or device.type == "cpu":
                 self._raise_if_bad(first_bad, epoch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
             stats = [layer.stats for layer in self.smoe_layers]
             totals += torch.stack(
                 [
@@ -393,22 +667,21 @@ class Trainer:
                 f"{epoch}, step {loss_step}; lower train.lr or check the data"
             )
 
-    def _routing_tally(self) -> RoutingTally | None:
+    def routing_tally(self) -> RoutingTally | None:
         """A fresh count of the final SMoE layer's choices (None without SMoE layers)."""
         if not self.smoe_layers:
             return None
         return RoutingTally(self.smoe_layers[-1], self.val_set.mask)
 
-    def _validate(self) -> dict[str, float]:
-        """Validation metrics; for SMoE models also the routing agreement (percent) with
+    def validate(self, trainer: TaskTrainer, tally: RoutingTally | None = None) -> dict[str, float]:
+        """Validation metrics; with a ``tally`` also the routing agreement (percent) with
         the true region map, counted during the same pass (read-only: no random numbers
         drawn, no state of the model changed, so training goes on exactly as without)."""
         evaluate = self.spec.evaluate
-        tally = self._routing_tally()
         metrics = dataset_metrics(
-            self.model,
+            trainer.model,
             self.val_set,
-            self.device,
+            trainer.device,
             evaluate["rtols"],
             evaluate["region_rtol_scale"],
             evaluate["batch_size"],
@@ -420,151 +693,44 @@ class Trainer:
             metrics["map_agreement"] = routing["map_agreement"]
         return metrics
 
-    def run(self) -> dict[str, Any]:
-        """Train until the epochs run out, early stopping or the target metric is reached."""
-        resumed = self._try_resume()
-        select = self.settings["select"]
-        metric_name = select["metric"]
-        s = self.state
-        if self.params == 0 and not resumed:
-            return self._finish_without_training(metric_name)
-        epochs = self.settings["epochs"]
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
 
-            bar = tqdm(
-                total=epochs,
-                initial=s.epoch,
-                desc=f"train {self.spec.name}",
-                unit="epoch",
-                mininterval=1.0,
-            )
-        while s.epoch < epochs and not s.stop_reason:
-            started = time.perf_counter()
-            row = {"epoch": s.epoch, **self._train_epoch(s.epoch)}
-            metrics = self._validate()
-            value = selected_value(metrics, metric_name)
-            row.update({f"val_{k}": v for k, v in metrics.items() if "-" not in k})
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
-            if len(self.optimizer.param_groups) > 1:
-                row["gate_lr"] = self.optimizer.param_groups[-1]["lr"]
-            if is_better(value, s.best_metric, select["mode"]):
-                s.best_metric, s.best_epoch, s.stale_epochs = value, s.epoch, 0
-                s.best_model = copy.deepcopy(self.model.state_dict())
-                s.best_metrics = metrics
-            else:
-                s.stale_epochs += 1
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(value)
-            elif self.scheduler is not None:
-                self.scheduler.step()
-            s.epoch += 1
-            s.elapsed_s += time.perf_counter() - started
-            row["time_s"] = s.elapsed_s
-            s.history.append(row)
-            s.stop_reason = self._stop_reason(value)
-            if s.best_epoch == s.epoch - 1:
-                self._save_best()
-            self._save_last()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({"loss": f"{row['train_loss']:.3g}", metric_name: f"{value:.4g}"})
-        if bar is not None:
-            bar.close()
-        s.stop_reason = s.stop_reason or "epochs"
-        self._save_best()
-        self._save_last()
-        return self._write_summary(metric_name)
+class Trainer(TaskTrainer):
+    """Trains one heat-family model with one seed into ``out_dir``: :class:`TaskTrainer`
+    driving a :class:`HeatTask`; see the module docstring."""
 
-    def _stop_reason(self, value: float) -> str:
-        settings = self.settings
-        target = settings["stop_at"]
-        if target is not None and not is_better(target, value, settings["select"]["mode"]):
-            return f"reached {settings['select']['metric']} {target}"
-        if settings["early_stop"] and self.state.stale_epochs >= settings["early_stop"]:
-            return f"no improvement for {settings['early_stop']} epochs"
-        return ""
-
-    def _finish_without_training(self, metric_name: str) -> dict[str, Any]:
-        """A model without parameters (persistence, an analytic predictor) is only validated;
-        one with candidate settings (the best single stencil) keeps the best on validation."""
-        s = self.state
-        mode = self.settings["select"]["mode"]
-        candidates = getattr(self.model, "candidates", lambda: ())()
-        for index, candidate in enumerate(candidates or [None]):
-            if candidate is not None:
-                self.model.choose(candidate)
-            metrics = self._validate()
-            value = selected_value(metrics, metric_name)
-            s.history.append(
-                {
-                    "epoch": index,
-                    **({"candidate": candidate} if candidate is not None else {}),
-                    **{f"val_{k}": v for k, v in metrics.items() if "-" not in k},
-                }
-            )
-            if is_better(value, s.best_metric, mode):
-                s.best_metric, s.best_epoch, s.best_metrics = value, index, metrics
-                s.best_model = copy.deepcopy(self.model.state_dict())
-        s.epoch, s.stop_reason = len(s.history), "no trainable parameters"
-        if candidates:
-            chosen = s.history[s.best_epoch]["candidate"]
-            s.stop_reason += f"; chose {chosen} of {list(candidates)} on validation"
-        self._save_best()
-        return self._write_summary(metric_name)
-
-    def _write_summary(self, metric_name: str) -> dict[str, Any]:
-        s = self.state
-        self._write_history()
-        summary = {
-            "model": self.spec.name,
-            "kind": self.spec.kind,
-            "seed": self.seed,
-            "params": self.params,
-            "device": str(self.device),
-            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
-            "epochs": s.epoch,
-            "best_epoch": s.best_epoch,
-            "select_metric": metric_name,
-            "best_value": s.best_metric,
-            "stop_reason": s.stop_reason,
-            "train_time_s": s.elapsed_s,
-            "resumed_from_epoch": self.resumed_from,
-            "fresh_start_reason": self.fresh_start_reason or None,
-            "val_metrics": s.best_metrics,
-        }
-        write_text_atomic(
-            self.out_dir / "train.json", json.dumps(summary, indent=2, default=_json_default)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        train_store: str | Path,
+        val_store: str | Path,
+        seed: int,
+        out_dir: str | Path,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            HeatTask(spec, Path(train_store), Path(val_store)), seed, out_dir, progress
         )
-        return summary
 
-    def _write_history(self) -> None:
-        rows = self.state.history
-        columns: list[str] = []
-        for row in rows:
-            columns += [key for key in row if key not in columns]
-        with atomic_file(self.out_dir / "history.csv") as partial:
-            with open(partial, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
+    @property
+    def train_set(self) -> HeatPairs:
+        return self.task.train_set
 
+    @property
+    def val_set(self) -> HeatPairs:
+        return self.task.val_set
 
-def selected_value(metrics: dict[str, float], name: str) -> float:
-    """The selection metric's value, or an error listing the metrics that exist."""
-    if name not in metrics:
-        raise InputError(
-            f"train.select.metric {name!r} is not a computed metric; "
-            f"available: {', '.join(sorted(metrics))}"
-        )
-    return metrics[name]
+    @property
+    def smoe_layers(self) -> list:
+        return self.task.smoe_layers
 
+    def _routing_tally(self) -> RoutingTally | None:
+        """A fresh count of the final SMoE layer's choices (None without SMoE layers)."""
+        return self.task.routing_tally()
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+    def _validate(self) -> dict[str, float]:
+        """Validation metrics; for SMoE models also the routing agreement with the true
+        region map (see :meth:`HeatTask.validate`)."""
+        return self.task.validate(self, self._routing_tally())
 
 
 def train(
@@ -575,5 +741,5 @@ def train(
     out_dir: str | Path,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one model with one seed; see :class:`Trainer`."""
+    """Train one heat-family model with one seed; see :class:`Trainer`."""
     return Trainer(spec, train_store, val_store, seed, out_dir, progress).run()
