@@ -556,12 +556,10 @@ def _run_cluster_train(args: argparse.Namespace) -> None:
     from smoe.train.cluster_task import train_cluster
 
     summary = train_cluster(spec, args.train_store, args.seed, args.out, args.progress)
-    details = ", ".join(
-        f"{key} {summary[key]}" for key in ("epochs", "best_epoch", "stop_reason") if key in summary
-    )
     print(
-        f"trained {spec.name} (seed {args.seed}) into {args.out}"
-        + (f": {details}" if details else "")
+        f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
+        f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
+        f"({summary['stop_reason']}); wrote {args.out}"
     )
 
 
@@ -734,10 +732,10 @@ def _run_figure(args: argparse.Namespace) -> None:
             figures.load_metrics(args.metrics), args.out, sources=args.metrics
         )
     elif args.kind == "dispatch":
-        from smoe.report.aggregate import load_results
         from smoe.report.cluster_figures import dispatch_figure
+        from smoe.report.cluster_table import load_cluster_results
 
-        paths = dispatch_figure(load_results(args.metrics, required=()), args.out)
+        paths = dispatch_figure(load_cluster_results(args.metrics), args.out)
     elif args.kind == "projection":
         from smoe.data.cluster_store import open_cluster_split
         from smoe.report.cluster_figures import projection_figure

@@ -787,7 +787,12 @@ def _cluster_sections(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "additionalProperties": False,
             "properties": {"val_fraction": data["val_fraction"]},
         },
-        "evaluate": {"type": "object", "additionalProperties": False, "properties": {}},
+        "evaluate": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {},
+            "x-what": "key (a cluster model's evaluate section takes none)",
+        },
     }
 
 
@@ -869,12 +874,28 @@ def check_clusters(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     for name, model in clusters["models"].items():
         base = ("clusters", "models", name, "options")
         lines += cluster_model_errors(model["kind"], model["options"], base)
-        coerce_strings(model["train"], train_schema)
-        merged = deep_merge(clusters["train"], model["train"])
+        own = model["train"]
+        coerce_strings(own, train_schema)
+        merged = deep_merge(clusters["train"], own)
         lines += _schema_errors(
             merged, train_schema, ("clusters", "models", name, "train"), "config key"
         )
+        key = f"clusters.models.{name}.train"
+        if model["kind"] == "cluster_single" and own.get("router_lr") is not None:
+            lines.append(
+                f"config key '{key}.router_lr': a cluster_single has no router; remove it "
+                "(clusters.train.router_lr applies to cluster_moe models only)"
+            )
+        if model["kind"] == "cluster_moe" and own.get("weight_decay"):
+            lines.append(
+                f"config key '{key}.weight_decay': a cluster_moe trains its experts by "
+                "normalised gradient descent, which has no weight decay; remove it or set 0"
+            )
     return lines
+
+
+KIND_ONLY_TRAIN_KEYS = {"router_lr": "cluster_moe", "weight_decay": "cluster_single"}
+"""Keys of ``clusters.train`` that reach only one kind's models when set family-wide."""
 
 
 def cluster_model_spec(config: dict[str, Any], name: str) -> ModelSpec:
@@ -887,11 +908,15 @@ def cluster_model_spec(config: dict[str, Any], name: str) -> ModelSpec:
             f"(defined: {', '.join(models) or 'none'})"
         )
     model = models[name]
+    family = {
+        key: None if KIND_ONLY_TRAIN_KEYS.get(key, model["kind"]) != model["kind"] else value
+        for key, value in config["clusters"]["train"].items()
+    }
     return ModelSpec(
         name=name,
         kind=model["kind"],
         options=copy.deepcopy(model["options"]),
-        train=deep_merge(config["clusters"]["train"], model["train"]),
+        train=deep_merge(family, model["train"]),
         data={"val_fraction": config["clusters"]["data"]["val_fraction"]},
         evaluate={},
     )
@@ -927,6 +952,13 @@ def validate_cluster_spec(raw: Any, *, gpu: str | None = None) -> ModelSpec:
     for section, section_schema in _cluster_sections(load_schema()).items():
         coerce_strings(spec[section], section_schema)
         lines += _schema_errors(spec[section], section_schema, (section,), label, defaults=True)
+    if not lines:
+        for key, kind in KIND_ONLY_TRAIN_KEYS.items():
+            if spec["kind"] != kind and spec["train"][key]:
+                lines.append(
+                    f"{label} 'train.{key}': {spec['train'][key]!r} applies to {kind} models "
+                    f"only, not to a {spec['kind']}; give null"
+                )
     if not lines and spec["train"]["device"] == "cuda":
         mode = gpu_check_mode() if gpu is None else gpu
         lines += _cuda_errors({"train.device": [name]}, mode, None, _warn_stderr, label)

@@ -308,6 +308,10 @@ is 2, so neither is an option."""
 
 CLUSTER_MODEL_KINDS = tuple(CLUSTER_KIND_OPTIONS)
 
+CLUSTER_EPOCHS = {"cluster_moe": 500, "cluster_single": 800}
+"""Epochs of ``clusters.train.epochs: null`` by kind (the trainer's
+``smoe.train.cluster_task.EPOCHS``; a test keeps the two equal): for job time limits."""
+
 
 def cluster_kind_schema(kind: str) -> dict[str, Any]:
     """The JSON schema of a cluster-family kind's ``options`` mapping."""

@@ -626,3 +626,215 @@ def test_a_workflow_spec_passes_and_fills_nothing_new():
     assert validate_spec(spec).to_dict() == spec
     with pytest.raises(InputError, match=r"--spec must be a JSON object"):
         validate_spec([spec])
+
+
+# -- the synthetic-cluster family (config section `clusters`) -----------------------------
+
+import json  # noqa: E402
+
+from smoe.config import cluster_model_spec, cluster_setting, validate_cluster_spec  # noqa: E402
+
+CLUSTERS_ON = {
+    "models": {"p": {"kind": "persistence"}},
+    "clusters": {
+        "enabled": True,
+        "data": {"n_train": 100, "n_test": 100},
+        "models": {
+            "moe": {"kind": "cluster_moe", "options": {"experts": 4, "top_k": 2}},
+            "single": {"kind": "cluster_single", "options": {"activation": "linear"}},
+        },
+    },
+}
+
+
+def clusters_with(**section) -> dict:
+    config = json.loads(json.dumps(CLUSTERS_ON))
+    config["clusters"].update(section)
+    return config
+
+
+def test_the_clusters_section_defaults_to_off_with_every_key_filled():
+    clusters = validate_config(ONE_MODEL)["clusters"]
+    assert clusters["enabled"] is False
+    assert clusters["settings"] == ["s1"] and clusters["seeds"] == [0]
+    assert clusters["data"] == {"seed": 0, "val_fraction": 0.1}  # no override of a setting
+    assert clusters["train"]["epochs"] is None  # the trainer's: MoE 500, singles 800
+    assert clusters["train"]["select"] == {"metric": "val_accuracy", "mode": "max"}
+    assert clusters["models"] == {}
+
+
+def test_shipped_configs_run_the_cluster_family_at_their_sizes(repo):
+    quick = load_config(repo / "config" / "config.yaml")["clusters"]
+    assert quick["enabled"] and quick["settings"] == ["s1"] and len(quick["seeds"]) == 3
+    assert set(quick["models"]) == {
+        "moe_nonlinear",
+        "moe_linear",
+        "single_nonlinear",
+        "single_linear",
+    }
+    assert cluster_setting({"clusters": quick}, "s1").n_train == 16000
+    paper = load_config(repo / "config" / "paper.yaml")["clusters"]
+    assert paper["settings"] == ["s1", "s2", "s3", "s4"] and len(paper["seeds"]) == 10
+    filters = sorted(
+        (m["options"]["activation"], 2 * m["options"]["filters_per_class"])
+        for m in paper["models"].values()
+        if m["kind"] == "cluster_single"
+    )
+    assert filters == [(a, f) for a in ("cubic", "linear") for f in (80, 128, 512)]
+    test = load_config(repo / "config" / "test.yaml")["clusters"]
+    assert not test["enabled"]  # the heat tests and their report stay as they are
+    assert cluster_setting({"clusters": test}, "s1").n_train <= 1000
+
+
+def test_the_schema_names_every_setting_and_setting_field():
+    from smoe.config import load_schema
+    from smoe.data.clusters import SETTING_KEYS, SETTINGS
+
+    section = load_schema()["properties"]["clusters"]["properties"]
+    assert section["settings"]["items"]["enum"] == list(SETTINGS)
+    overrides = set(section["data"]["properties"]) - {"seed", "val_fraction"}
+    assert overrides == set(SETTING_KEYS) - {"setting"}
+
+
+@pytest.mark.parametrize("kind", ["cluster_moe", "cluster_single"])
+def test_cluster_option_schema_matches_the_builder(kind):
+    """Names and defaults of the torch-free schema are the builder's (its constructors'
+    signatures; a single CNN's init_scale is the builder's own default). ``classes`` is not
+    an option: the data have two."""
+    from smoe.models import clusters as cluster_models
+
+    constructor = cluster_models.ClusterMoE if kind == "cluster_moe" else cluster_models.PatchCNN
+    params = inspect.signature(constructor).parameters
+    expected = {
+        name: p.default
+        for name, p in params.items()
+        if name in cluster_models.KIND_OPTIONS[kind] and name != "classes"
+    }
+    if kind == "cluster_single":
+        expected["init_scale"] = cluster_models.SINGLE_INIT_SCALE
+    assert option_schema.cluster_defaults(kind) == expected
+    assert option_schema.CLUSTER_MODEL_KINDS == cluster_models.CLUSTER_KINDS
+    assert option_schema.CLUSTER_ACTIVATIONS == cluster_models.ACTIVATIONS
+
+
+def test_cluster_epochs_by_kind_equal_the_trainer():
+    from smoe.train.cluster_task import EPOCHS
+
+    assert option_schema.CLUSTER_EPOCHS == EPOCHS
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"settings": ["s1", "s5"]},
+            r"'clusters\.settings\[1\]': unknown setting 's5'; known settings: s1, s2, s3, s4",
+        ),
+        (
+            {"data": {"dim": 6}},
+            r"'clusters\.data\.dim': 6 dimensions cannot hold 2 x 4 orthonormal vectors .*"
+            r"\(setting s1\)",
+        ),
+        ({"data": {"n_train": 0}}, r"'clusters\.data\.n_train': 0 is less than the minimum"),
+        ({"data": {"nn": 3}}, r"unknown config key 'clusters\.data\.nn'"),
+        ({"data": {"gamma": [3, 1]}}, r"'clusters\.data\.gamma': \[3, 1\] needs low <= high"),
+        ({"data": {"val_fraction": 1}}, r"'clusters\.data\.val_fraction': 1 is greater than"),
+        (
+            {"data": {"n_train": 5}},
+            r"'clusters\.data\.val_fraction': 0\.1 of 5 train samples holds out 0\.5",
+        ),
+        ({"settings": []}, r"'clusters\.settings': no setting is chosen"),
+        ({"models": {}}, r"'clusters\.models': no models are defined"),
+        (
+            {"models": {"m": {"kind": "cluster_moe", "options": {"experts": 0}}}},
+            r"'clusters\.models\.m\.options\.experts': 0 is less than the minimum of 1",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_moe", "options": {"experts": 2, "top_k": 3}}}},
+            r"'clusters\.models\.m\.options\.top_k': top_k=3 must be between 1 and experts=2",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_moe", "options": {"activation": "relu"}}}},
+            r"'clusters\.models\.m\.options\.activation': 'relu' is not one of",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_single", "options": {"experts": 2}}}},
+            r"'clusters\.models\.m\.options\.experts': unknown option of model kind "
+            r"'cluster_single'",
+        ),
+        (
+            {"models": {"m": {"kind": "cnn"}}},
+            r"'clusters\.models\.m\.kind': unknown model kind 'cnn'; known model kinds: "
+            r"cluster_moe, cluster_single",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_moe", "train": {"lr": 0}}}},
+            r"'clusters\.models\.m\.train\.lr': 0 is less than or equal to the minimum of 0",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_single", "train": {"router_lr": 0.1}}}},
+            r"'clusters\.models\.m\.train\.router_lr': a cluster_single has no router",
+        ),
+        (
+            {"models": {"m": {"kind": "cluster_moe", "train": {"weight_decay": 0.1}}}},
+            r"'clusters\.models\.m\.train\.weight_decay': a cluster_moe trains its experts",
+        ),
+        ({"train": {"select": {"metric": "mse"}}}, r"'clusters\.train\.select\.metric'"),
+        ({"seeds": [-1]}, r"'clusters\.seeds\[0\]': -1 is less than the minimum of 0"),
+    ],
+)
+def test_a_bad_clusters_section_is_refused_naming_the_key(change, message):
+    with pytest.raises(InputError, match=message):
+        validate_config(clusters_with(**change))
+
+
+def test_a_disabled_clusters_section_is_still_checked():
+    config = clusters_with(enabled=False, data={"dim": 6})
+    with pytest.raises(InputError, match=r"'clusters\.data\.dim'"):
+        validate_config(config)
+    assert validate_config(clusters_with(enabled=False, models={}))["clusters"]["models"] == {}
+
+
+def test_cluster_spec_keys_each_kind_only_what_it_takes():
+    config = validate_config(clusters_with(train={"router_lr": 0.2, "weight_decay": 0.01}))
+    moe, single = (cluster_model_spec(config, name) for name in ("moe", "single"))
+    assert (moe.train["router_lr"], moe.train["weight_decay"]) == (0.2, None)
+    assert (single.train["router_lr"], single.train["weight_decay"]) == (None, 0.01)
+    assert moe.data == {"val_fraction": 0.1} and moe.evaluate == {}
+    assert moe.options == {"experts": 4, "top_k": 2}
+
+
+def test_a_cluster_spec_passes_its_own_check_and_the_trainer_unchanged():
+    from smoe.train.cluster_task import resolve_cluster_spec
+
+    config = validate_config(CLUSTERS_ON)
+    for name in ("moe", "single"):
+        spec = cluster_model_spec(config, name)
+        assert validate_cluster_spec(json.loads(spec.to_json())) == spec
+        resolved = resolve_cluster_spec(spec)
+        assert resolved.options == spec.options and resolved.data == spec.data
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"options": {"top_k": 9}}, r"--spec key 'options\.top_k': top_k=9 must be between"),
+        ({"kind": "cnn"}, r"--spec key 'kind': unknown model kind 'cnn'"),
+        ({"train": {"epochs": 0}}, r"--spec key 'train\.epochs': 0 is less than the minimum"),
+        ({"data": {"val_fraction": 0}}, r"--spec key 'data\.val_fraction'"),
+        ({"evaluate": {"x": 1}}, r"--spec key 'evaluate\.x'"),
+        ({"extra": 1}, r"--spec key 'extra': unknown key"),
+    ],
+)
+def test_cluster_train_spec_is_validated_like_the_workflow(change, message):
+    spec = json.loads(cluster_model_spec(validate_config(CLUSTERS_ON), "moe").to_json())
+    with pytest.raises(InputError, match=message):
+        validate_cluster_spec({**spec, **change})
+
+
+def test_nested_cluster_values_given_as_strings_are_read_as_yaml():
+    """`snakemake --config 'clusters={enabled: true, ...}'` hands nested values as strings."""
+    config = clusters_with(enabled="true", seeds=["1", "2"], data={"n_train": "100"})
+    clusters = validate_config(config)["clusters"]
+    assert clusters["enabled"] is True and clusters["seeds"] == [1, 2]
+    assert clusters["data"]["n_train"] == 100

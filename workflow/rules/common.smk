@@ -27,7 +27,7 @@ from smoe.config import (
 )
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
-from smoe.option_schema import cluster_defaults
+from smoe.option_schema import CLUSTER_EPOCHS, cluster_defaults
 from smoe.stale import stale_outputs
 
 
@@ -486,5 +486,6 @@ def cluster_train_runtime(wildcards):
     spec = cluster_model_spec(config, wildcards.model)
     options = {**cluster_defaults(spec.kind), **spec.options}
     filters = 2 * options.get("filters_per_class", 8) * options.get("experts", 1)
-    work = 3 * spec.train["epochs"] * samples * values * filters
+    epochs = spec.train["epochs"] or CLUSTER_EPOCHS[spec.kind]
+    work = 3 * epochs * samples * values * filters
     return max(30, int(10 * work / 1e9 / 60) + 30)
