@@ -31,8 +31,11 @@ Train settings (``spec.train``; defaults where a key is absent, see :data:`TRAIN
 (null: 0.1; MoE only), ``weight_decay`` (null: Adam's 5e-4 for singles; the MoE has none),
 ``stop_loss`` 0.314 and ``stop_rise`` 0.02 (null disables), ``select`` ``{metric:
 val_accuracy, mode: max}``, ``device`` ``cpu`` | ``cuda`` | ``auto``, ``precision`` (``fp32``
-only), ``threads`` 1, ``deterministic`` true, ``progress`` true, and the trainer's generic
-``stop_at`` and ``early_stop`` (null: off).
+only), ``threads`` 1, ``deterministic`` true, ``progress`` true, ``checkpoint_every`` 25
+(epochs between saves of ``last.pt``: a full-batch epoch takes milliseconds, pickling the
+history every epoch would cost more than training), and the trainer's generic ``stop_at``
+and ``early_stop`` (null: off). ``progress`` and ``checkpoint_every`` change no result, so
+a ``last.pt`` is resumed across them.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "progress": True,
     "stop_at": None,
     "early_stop": None,
+    "checkpoint_every": 25,
 }
 """Every train setting of the cluster family with its default."""
 
@@ -106,7 +110,7 @@ DATA_DEFAULTS: dict[str, Any] = {"val_fraction": 0.1}
 CARVE_STREAM = 3
 """Index of the validation carve's stream among ``SeedSequence(data seed).spawn(4)``."""
 
-NOT_IDENTITY = ("progress",)
+NOT_IDENTITY = ("progress", "checkpoint_every")
 """Train settings that cannot change a result, so a ``last.pt`` is resumed across them."""
 
 
@@ -136,6 +140,9 @@ def _check_settings(name: str, kind: str, train: dict[str, Any]) -> None:
         )
     if kind == "cluster_single" and train["router_lr"] is not None:
         raise InputError(f"{where}.router_lr must be null for {kind}: a single CNN has no router")
+    every = train["checkpoint_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise InputError(f"{where}.checkpoint_every must be a positive integer, got {every!r}")
     early = train["early_stop"]
     if early is not None and (isinstance(early, bool) or not isinstance(early, int) or early < 0):
         raise InputError(f"{where}.early_stop must be an integer >= 0 or null, got {early!r}")
@@ -245,7 +252,7 @@ class ClusterTask(TrainingTask):
     def __init__(self, spec: ModelSpec | Mapping[str, Any], train_store: str | Path) -> None:
         super().__init__(resolve_cluster_spec(spec))
         self.train_store = Path(train_store)
-        self.moe = self.spec.kind == "cluster_moe"
+        self.checkpoint_every = self.settings["checkpoint_every"]
 
     # -- data and model ------------------------------------------------------------------
     def load(self, device: torch.device) -> None:

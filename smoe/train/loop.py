@@ -143,6 +143,12 @@ class TrainingTask:
     run's; :meth:`data_info` goes into every checkpoint for evaluation to read.
     """
 
+    checkpoint_every: int = 1
+    """Epochs between two saves of ``last.pt`` (the last epoch is always saved). A killed
+    run resumes from the last save and replays the epochs after it exactly, so a longer
+    interval only costs replayed work; it saves the time of pickling a long history every
+    epoch (a run of hundreds of millisecond-epochs)."""
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
@@ -402,7 +408,8 @@ class TaskTrainer:
             s.stop_reason = self._stop_reason(value)
             if s.best_epoch == s.epoch - 1:
                 self._save_best()
-            self._save_last()
+            if s.epoch % self.task.checkpoint_every == 0:
+                self._save_last()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({"loss": f"{row['train_loss']:.3g}", metric_name: f"{value:.4g}"})

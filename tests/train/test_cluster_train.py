@@ -172,21 +172,22 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_exactly(stores, tmp_path, monkeypatch):
-    run = spec(epochs=12, stop_loss=None, stop_rise=None)
+    run = spec(epochs=12, stop_loss=None, stop_rise=None, checkpoint_every=4)
     reference = train_cluster(run, stores[0, "train"], 3, tmp_path / "A", progress=False)
+    assert load_checkpoint(tmp_path / "A" / "last.pt")["state"]["epoch"] == 12
     validate, calls = TaskTrainer._validate, []
 
-    def interrupt_fifth_validation(self):
+    def interrupt_seventh_validation(self):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == 7:
             raise Interrupted
         return validate(self)
 
     with monkeypatch.context() as patch:
-        patch.setattr(TaskTrainer, "_validate", interrupt_fifth_validation)
+        patch.setattr(TaskTrainer, "_validate", interrupt_seventh_validation)
         with pytest.raises(Interrupted):
             train_cluster(run, stores[0, "train"], 3, tmp_path / "B", progress=False)
-    saved = load_checkpoint(tmp_path / "B" / "last.pt")["state"]
+    saved = load_checkpoint(tmp_path / "B" / "last.pt")["state"]  # saved every 4 epochs
     assert saved["epoch"] == 4 and not (tmp_path / "B" / "train.json").exists()
     summary = train_cluster(run, stores[0, "train"], 3, tmp_path / "B", progress=False)
     assert summary["resumed_from_epoch"] == 4 and summary["fresh_start_reason"] is None
@@ -243,8 +244,9 @@ def test_other_data_restart_from_scratch_and_say_why(stores, tmp_path, capsys):
     assert summary["resumed_from_epoch"] is None
     assert "data.val_fraction: 0.1 -> 0.2" in summary["fresh_start_reason"]
     assert summary["val_samples"] == 400
-    # The progress setting changes no result: a finished run is resumed across it.
+    # Progress and the checkpoint interval change no result: a run resumes across them.
     carved["train"]["progress"] = False
+    carved["train"]["checkpoint_every"] = 1
     summary = train_cluster(carved, stores[1, "train"], 0, tmp_path, progress=False)
     assert summary["resumed_from_epoch"] == 3 and summary["fresh_start_reason"] is None
 
@@ -308,6 +310,7 @@ def test_stop_rules(stores, tmp_path):
         ({"train": {"weight_decay": 5e-4}}, r"train\.weight_decay must be null or 0"),
         ({"kind": "cluster_single", "train": {"router_lr": 0.1}}, r"train\.router_lr"),
         ({"train": {"precision": "bf16"}}, r"train\.precision"),
+        ({"train": {"checkpoint_every": 0}}, r"train\.checkpoint_every"),
         ({"train": {"select": {"mode": "best"}}}, r"train\.select"),
         ({"data": {"val_fraction": 0.0}}, r"data\.val_fraction"),
         ({"data": {"context": 1}}, r"data\.context is not a setting"),
