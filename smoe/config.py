@@ -858,6 +858,12 @@ def check_clusters(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             "config key 'clusters.models': no models are defined, but clusters.enabled is "
             "true; define at least one, e.g. models: {moe: {kind: cluster_moe}}"
         )
+    for name in clusters["run"] or []:
+        if name not in clusters["models"]:
+            lines.append(
+                f"config key 'clusters.run': model {name!r} is not defined under "
+                f"'clusters.models' (defined: {', '.join(clusters['models']) or 'none'})"
+            )
     problems: dict[str, list[str]] = {}
     for name in clusters["settings"]:
         try:
@@ -1023,6 +1029,12 @@ def model_spec(config: dict[str, Any], name: str) -> ModelSpec:
 
 def models_to_run(config: dict[str, Any]) -> list[str]:
     return list(config["run"] if config["run"] is not None else config["models"])
+
+
+def cluster_models_to_run(config: dict[str, Any]) -> list[str]:
+    """The cluster family's models to run: ``clusters.run``, or every defined model."""
+    clusters = config["clusters"]
+    return list(clusters["run"] if clusters["run"] is not None else clusters["models"])
 
 
 @dataclass(frozen=True)

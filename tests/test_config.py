@@ -632,7 +632,12 @@ def test_a_workflow_spec_passes_and_fills_nothing_new():
 
 import json  # noqa: E402
 
-from smoe.config import cluster_model_spec, cluster_setting, validate_cluster_spec  # noqa: E402
+from smoe.config import (  # noqa: E402
+    cluster_model_spec,
+    cluster_models_to_run,
+    cluster_setting,
+    validate_cluster_spec,
+)
 
 CLUSTERS_ON = {
     "models": {"p": {"kind": "persistence"}},
@@ -681,6 +686,14 @@ def test_shipped_configs_run_the_cluster_family_at_their_sizes(repo):
         if m["kind"] == "cluster_single"
     )
     assert filters == [(a, f) for a in ("cubic", "linear") for f in (80, 128, 512)]
+    # the table (4 models x 4 settings x 10 seeds) runs; the wider singles on request
+    assert cluster_models_to_run({"clusters": paper}) == [
+        "moe_nonlinear",
+        "moe_linear",
+        "single_nonlinear_80",
+        "single_linear_80",
+    ]
+    assert cluster_models_to_run({"clusters": quick}) == list(quick["models"])
     test = load_config(repo / "config" / "test.yaml")["clusters"]
     assert not test["enabled"]  # the heat tests and their report stay as they are
     assert cluster_setting({"clusters": test}, "s1").n_train <= 1000
@@ -781,6 +794,10 @@ def test_cluster_epochs_by_kind_equal_the_trainer():
         ),
         ({"train": {"select": {"metric": "mse"}}}, r"'clusters\.train\.select\.metric'"),
         ({"seeds": [-1]}, r"'clusters\.seeds\[0\]': -1 is less than the minimum of 0"),
+        (
+            {"run": ["moe", "wide"]},
+            r"'clusters\.run': model 'wide' is not defined under 'clusters\.models'",
+        ),
     ],
 )
 def test_a_bad_clusters_section_is_refused_naming_the_key(change, message):

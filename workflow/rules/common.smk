@@ -18,6 +18,7 @@ from smoe.config import (
     SPLITS,
     Config,
     cluster_data_overrides,
+    cluster_models_to_run,
     cluster_model_spec,
     cluster_setting,
     gpu_check_mode,
@@ -355,7 +356,7 @@ def simulate_runtime(wildcards):
 CLUSTERS = config["clusters"]
 CLUSTER_DIR = f"{RESULTS}/clusters"
 CLUSTER_SETTINGS = list(CLUSTERS["settings"])
-CLUSTER_MODELS = list(CLUSTERS["models"])
+CLUSTER_MODELS = cluster_models_to_run(config)
 CLUSTER_SEEDS = [str(seed) for seed in CLUSTERS["seeds"]]
 CLUSTER_TABLES = {
     "csv": f"{CLUSTER_DIR}/table.csv",
