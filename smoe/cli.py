@@ -536,22 +536,28 @@ def _add_cluster_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_cluster_train)
 
 
-def _run_cluster_train(args: argparse.Namespace) -> None:
+def _cluster_spec_argument(args: argparse.Namespace):
+    """The model spec of --config/--model or --spec, validated like the workflow's."""
     import json
 
     from smoe.config import cluster_model_spec, load_config, validate_cluster_spec
-    from smoe.data.cluster_store import open_cluster_split
 
     if args.config is not None:
         if not args.model:
             raise InputError("--config needs --model NAME (a name under 'clusters.models')")
-        spec = cluster_model_spec(load_config(args.config), args.model)
-    else:
-        try:
-            raw = json.loads(args.spec)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--spec is not JSON: {exc}") from exc
-        spec = validate_cluster_spec(raw)
+        return cluster_model_spec(load_config(args.config), args.model)
+    try:
+        raw = json.loads(args.spec)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--spec is not JSON: {exc}") from exc
+    return validate_cluster_spec(raw)
+
+
+def _run_cluster_train(args: argparse.Namespace) -> None:
+
+    from smoe.data.cluster_store import open_cluster_split
+
+    spec = _cluster_spec_argument(args)
     open_cluster_split(args.train_store)  # a missing or damaged store, named, before torch
     from smoe.train.cluster_task import train_cluster
 
@@ -561,6 +567,57 @@ def _run_cluster_train(args: argparse.Namespace) -> None:
         f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
         f"({summary['stop_reason']}); wrote {args.out}"
     )
+
+
+def _add_cluster_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster-run",
+        help="train and evaluate one synthetic-cluster model for several seeds",
+        description="For every seed: smoe cluster-train into MODELS_DIR/seed<k>/, then smoe "
+        "cluster-evaluate of its best.pt into METRICS_DIR/seed<k>.json, in one process (the "
+        "workflow's job per setting and model; starting PyTorch per seed would cost as much "
+        "as the training).",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="workflow config file (with --model)")
+    source.add_argument("--spec", help="resolved model spec as JSON")
+    p.add_argument("--model", help="model name under 'clusters.models' in --config")
+    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
+    p.add_argument("--test-store", type=Path, required=True, help="test split (.zarr)")
+    p.add_argument(
+        "--seeds", type=_seed(MAX_TRAIN_SEED), nargs="+", required=True, help="training seeds"
+    )
+    p.add_argument("--models-dir", type=Path, required=True, help="folder of the seed folders")
+    p.add_argument("--metrics-dir", type=Path, required=True, help="folder of seed<k>.json")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_cluster_run)
+
+
+def _run_cluster_run(args: argparse.Namespace) -> None:
+
+    from smoe.data.cluster_store import open_cluster_split
+
+    if len(set(args.seeds)) != len(args.seeds):
+        raise InputError(f"--seeds lists a seed twice: {args.seeds}")
+    spec = _cluster_spec_argument(args)
+    for store in (args.train_store, args.test_store):
+        open_cluster_split(store)  # a missing or damaged store, named, before torch
+    from smoe.train.cluster_task import run_cluster_seeds
+
+    results = run_cluster_seeds(
+        spec,
+        args.train_store,
+        args.test_store,
+        args.seeds,
+        args.models_dir,
+        args.metrics_dir,
+        args.progress,
+    )
+    for result in results:
+        print(
+            f"{spec.name} seed {result['seed']}: test accuracy "
+            f"{result['metrics']['test_accuracy']:.2f} % (best epoch {result['best_epoch']})"
+        )
 
 
 def _add_cluster_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -823,6 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_cluster_data,
         _add_cluster_train,
         _add_cluster_evaluate,
+        _add_cluster_run,
         _add_cluster_table,
         _add_figure,
         _add_provenance,
@@ -864,6 +922,11 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
         return [args.config, args.train_store], [(args.out, "folder")]
     if command == "cluster-evaluate":
         return [args.checkpoint, args.store, args.train_store], [(args.out, "file")]
+    if command == "cluster-run":
+        outputs = [(args.models_dir, "folder"), (args.metrics_dir, "folder")]
+        seeds = dict.fromkeys(args.seeds)  # a repeated seed is refused by the command itself
+        outputs += [(args.metrics_dir / f"seed{seed}.json", "file") for seed in seeds]
+        return [args.train_store, args.test_store], outputs
     if command == "cluster-table":
         tables = [args.out_dir / name for name in CLUSTER_TABLES]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]

@@ -273,3 +273,45 @@ OTHER_CASES = {
 def test_cluster_evaluate_table_and_figures_refuse_bad_input(work, case):
     verb, args, expect = OTHER_CASES[case]
     assert_refused(work, verb, args, expect)
+
+
+def run_args(*seeds: str, spec: str | None = None, test: str = "test.zarr") -> list[str]:
+    return ["cluster-run", "--spec", spec or "", "--train-store", "train.zarr"] + [
+        "--test-store",
+        test,
+        "--seeds",
+        *seeds,
+        "--models-dir",
+        "runs",
+        "--metrics-dir",
+        "scores",
+        "--no-progress",
+    ]
+
+
+def test_cluster_run_trains_and_evaluates_every_seed_like_the_single_commands(work):
+    spec = (work / "spec.json").read_text()
+    result = smoe(work, *run_args("0", "1", spec=spec))
+    assert result.returncode == 0, result.stderr
+    for seed in (0, 1):
+        scores = json.loads((work / "scores" / f"seed{seed}.json").read_text())
+        assert scores["seed"] == seed and scores["model"] == "moe"
+        assert (work / "runs" / f"seed{seed}" / "best.pt").is_file()
+    # seed 0 equals what cluster-train + cluster-evaluate made in the pristine workspace
+    alone = json.loads((work / "metrics.json").read_text())
+    together = json.loads((work / "scores" / "seed0.json").read_text())
+    assert together["metrics"] == alone["metrics"] and together["dispatch"] == alone["dispatch"]
+    assert "moe seed 1: test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "seeds, test, expect",
+    [
+        (("0", "0"), "test.zarr", "--seeds lists a seed twice: [0, 0]"),
+        (("0",), "missing.zarr", "missing.zarr' does not exist"),
+        (("-1",), "test.zarr", "argument --seeds"),
+    ],
+)
+def test_cluster_run_refuses_bad_input(work, seeds, test, expect):
+    spec = (work / "spec.json").read_text()
+    assert_refused(work, "cluster-run", run_args(*seeds, spec=spec, test=test), expect)

@@ -548,3 +548,30 @@ def evaluate_cluster_checkpoint(
         "store": str(test_store),
         "train_store": str(train_store),
     }
+
+
+def run_cluster_seeds(
+    spec: ModelSpec | Mapping[str, Any],
+    train_store: str | Path,
+    test_store: str | Path,
+    seeds: list[int],
+    models_dir: str | Path,
+    metrics_dir: str | Path,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate one model for every seed in one process: ``<models_dir>/seed<k>/``
+    gets what :func:`train_cluster` writes, ``<metrics_dir>/seed<k>.json`` the test metrics.
+
+    A full-batch training of this family takes seconds, so starting Python and PyTorch once
+    per seed (and once more per evaluation) would cost about as much as the training itself:
+    the workflow runs one job per setting and model instead of one per seed. Each seed keeps
+    its own folder, checkpoints and resume, exactly as if it had been trained alone.
+    """
+    results = []
+    for seed in seeds:
+        out = Path(models_dir) / f"seed{seed}"
+        train_cluster(spec, train_store, seed, out, progress)
+        result = evaluate_cluster_checkpoint(out / "best.pt", test_store, train_store)
+        write_json(result, Path(metrics_dir) / f"seed{seed}.json")
+        results.append(result)
+    return results

@@ -137,7 +137,7 @@ def test_enabled_puts_the_family_into_rule_all_and_disabled_keeps_heat_alone(rep
     on = run_snakemake(repo, tmp_path, "-n", "--config", "clusters={enabled: true}")
     assert on.returncode == 0, on.stderr[-2000:]
     rules = planned_rules(on.stdout)
-    assert {"cluster_data", "cluster_train", "cluster_evaluate", "cluster_aggregate"} <= rules
+    assert {"cluster_data", "cluster_train", "cluster_aggregate"} <= rules
     assert {"cluster_figure_dispatch", "cluster_figure_projection", "train", "aggregate"} <= rules
 
 

@@ -23,14 +23,18 @@ rule cluster_data:
 
 
 rule cluster_train:
+    """Every seed of one model on one setting, trained then evaluated in one job: a
+    full-batch training takes seconds, about what starting PyTorch takes."""
     input:
         train=f"{CLUSTER_DIR}/data/{{setting}}/train.zarr",
+        test=f"{CLUSTER_DIR}/data/{{setting}}/test.zarr",
     output:
-        best=f"{CLUSTER_DIR}/models/{{setting}}/{{model}}/seed{{seed}}/best.pt",
-        summary=f"{CLUSTER_DIR}/models/{{setting}}/{{model}}/seed{{seed}}/train.json",
-        history=f"{CLUSTER_DIR}/models/{{setting}}/{{model}}/seed{{seed}}/history.csv",
+        best=cluster_seed_outputs("models", "best.pt"),
+        summary=cluster_seed_outputs("models", "train.json"),
+        history=cluster_seed_outputs("models", "history.csv"),
+        metrics=cluster_seed_outputs("metrics"),
     log:
-        f"{RESULTS}/logs/clusters/train/{{setting}}_{{model}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/clusters/train/{{setting}}_{{model}}.log",
     wildcard_constraints:
         **CLUSTER_WILDCARDS,
     conda:
@@ -42,32 +46,13 @@ rule cluster_train:
         runtime=cluster_train_runtime,
     params:
         spec=cluster_spec_json,
-        out=cluster_model_dir,
+        models=cluster_model_dir,
+        metrics=cluster_metrics_dir,
+        seeds=" ".join(CLUSTER_SEEDS),
     shell:
-        "smoe cluster-train --spec {params.spec:q} --train-store {input.train} "
-        "--seed {wildcards.seed} --out {params.out} > {log} 2>&1"
-
-
-rule cluster_evaluate:
-    input:
-        best=f"{CLUSTER_DIR}/models/{{setting}}/{{model}}/seed{{seed}}/best.pt",
-        test=f"{CLUSTER_DIR}/data/{{setting}}/test.zarr",
-        train=f"{CLUSTER_DIR}/data/{{setting}}/train.zarr",
-    output:
-        f"{CLUSTER_DIR}/metrics/{{setting}}/{{model}}/seed{{seed}}.json",
-    log:
-        f"{RESULTS}/logs/clusters/evaluate/{{setting}}_{{model}}_seed{{seed}}.log",
-    wildcard_constraints:
-        **CLUSTER_WILDCARDS,
-    conda:
-        SMOE_ENV
-    threads: 1
-    resources:
-        mem_mb=cluster_train_mem_mb,
-        runtime=30,
-    shell:
-        "smoe cluster-evaluate --checkpoint {input.best} --store {input.test} "
-        "--train-store {input.train} --out {output} > {log} 2>&1"
+        "smoe cluster-run --spec {params.spec:q} --train-store {input.train} "
+        "--test-store {input.test} --seeds {params.seeds} --models-dir {params.models} "
+        "--metrics-dir {params.metrics} --no-progress > {log} 2>&1"
 
 
 rule cluster_aggregate:

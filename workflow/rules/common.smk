@@ -455,8 +455,21 @@ def cluster_data_mem_mb(wildcards):
     return int(1000 + 4 * samples * s.patches * s.dim * 8 / 2**20)
 
 
+def cluster_seed_outputs(kind, name=None):
+    """One output per seed of a (setting, model) job: ``models/.../seed<k>/<name>`` or
+    ``metrics/.../seed<k>.json``."""
+    base = f"{CLUSTER_DIR}/{kind}/{{setting}}/{{model}}"
+    if kind == "metrics":
+        return [f"{base}/seed{seed}.json" for seed in CLUSTER_SEEDS]
+    return [f"{base}/seed{seed}/{name}" for seed in CLUSTER_SEEDS]
+
+
 def cluster_model_dir(wildcards):
-    return f"{CLUSTER_DIR}/models/{wildcards.setting}/{wildcards.model}/seed{wildcards.seed}"
+    return f"{CLUSTER_DIR}/models/{wildcards.setting}/{wildcards.model}"
+
+
+def cluster_metrics_dir(wildcards):
+    return f"{CLUSTER_DIR}/metrics/{wildcards.setting}/{wildcards.model}"
 
 
 def cluster_spec_json(wildcards):
@@ -488,5 +501,5 @@ def cluster_train_runtime(wildcards):
     options = {**cluster_defaults(spec.kind), **spec.options}
     filters = 2 * options.get("filters_per_class", 8) * options.get("experts", 1)
     epochs = spec.train["epochs"] or CLUSTER_EPOCHS[spec.kind]
-    work = 3 * epochs * samples * values * filters
+    work = 3 * epochs * samples * values * filters * len(CLUSTER_SEEDS)
     return max(30, int(10 * work / 1e9 / 60) + 30)
