@@ -79,16 +79,14 @@ def test_tiny_config_trains_and_evaluates_every_model(built):
     assert train["epochs"] == 2 and train["params"] == 3 * 9 + 3 * 16 * 16
 
 
-def test_training_and_evaluation_jobs_ask_for_a_gpu_only_when_sent_to_cuda(
-    repo, tmp_path, monkeypatch
-):
+def test_training_and_evaluation_jobs_ask_for_a_gpu_only_when_sent_to_cuda(repo, tmp_path):
     # Planned as for a cluster, where the GPUs are on the nodes, not on this machine.
-    monkeypatch.setenv("SMOE_GPU_CHECK", "cluster")
+    cluster = {"SMOE_GPU_CHECK": "cluster"}
     config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
     for device, expected in (("cuda", "gpu=1"), ("auto", "gpu=0")):
         config["train"]["device"] = device
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-        result = snakemake(repo, tmp_path, "-n", "-p", configfile=tmp_path / "c.yaml")
+        result = snakemake(repo, tmp_path, "-n", "-p", configfile=tmp_path / "c.yaml", env=cluster)
         assert result.returncode == 0, result.stderr[-2000:]
         out = result.stdout + result.stderr
         for rule in ("train", "evaluate"):
