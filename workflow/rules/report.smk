@@ -201,7 +201,7 @@ rule figure_experts:
 
 rule provenance:
     input:
-        f"{RESULTS}/tables/summary.csv",
+        provenance_inputs(),
     output:
         html=report(
             f"{RESULTS}/report/provenance.html",
