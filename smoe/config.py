@@ -676,16 +676,9 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     return lines
 
 
-def validate_spec(
-    raw: Any, train_store: str | Path | None = None, *, gpu: str | None = None
-) -> ModelSpec:
-    """A model spec (``smoe train --spec``) checked as the workflow checks a config's model.
-
-    The train, data and evaluate sections are validated against the config schema (missing
-    keys get their defaults), the options against the kind's schema, and, when
-    ``train_store`` is readable, the region types and time steps of its data.
-    """
-    label = "--spec key"
+def _spec_with_its_keys(raw: Any, label: str) -> dict[str, Any]:
+    """A copy of ``raw`` once it is a JSON object with exactly the keys of a model spec
+    (heat or cluster family); otherwise one InputError listing every key problem."""
     if not isinstance(raw, dict):
         raise InputError(f"--spec must be a JSON object with the keys {', '.join(SPEC_KEYS)}")
     lines = [
@@ -696,7 +689,21 @@ def validate_spec(
     lines += [f"{label} '{k}' is missing" for k in SPEC_KEYS if k not in raw]
     if lines:
         raise InputError("invalid model spec:\n  " + "\n  ".join(lines))
-    spec = copy.deepcopy(raw)
+    return copy.deepcopy(raw)
+
+
+def validate_spec(
+    raw: Any, train_store: str | Path | None = None, *, gpu: str | None = None
+) -> ModelSpec:
+    """A model spec (``smoe train --spec``) checked as the workflow checks a config's model.
+
+    The train, data and evaluate sections are validated against the config schema (missing
+    keys get their defaults), the options against the kind's schema, and, when
+    ``train_store`` is readable, the region types and time steps of its data.
+    """
+    label = "--spec key"
+    spec = _spec_with_its_keys(raw, label)
+    lines: list[str] = []
     schema = load_schema()
     name = spec["name"]
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
@@ -932,17 +939,8 @@ def validate_cluster_spec(raw: Any, *, gpu: str | None = None) -> ModelSpec:
     """A cluster model spec (``smoe cluster-train --spec``) checked as the workflow checks a
     config's cluster model; missing train and data keys get their defaults."""
     label = "--spec key"
-    if not isinstance(raw, dict):
-        raise InputError(f"--spec must be a JSON object with the keys {', '.join(SPEC_KEYS)}")
-    lines = [
-        f"{label} '{k}': unknown key; known: {', '.join(SPEC_KEYS)}"
-        for k in raw
-        if k not in SPEC_KEYS
-    ]
-    lines += [f"{label} '{k}' is missing" for k in SPEC_KEYS if k not in raw]
-    if lines:
-        raise InputError("invalid model spec:\n  " + "\n  ".join(lines))
-    spec = copy.deepcopy(raw)
+    spec = _spec_with_its_keys(raw, label)
+    lines: list[str] = []
     name = spec["name"]
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         lines.append(

@@ -40,7 +40,7 @@ from smoe.data.clusters import (
     vectors_for_seed,
 )
 from smoe.data.provenance import array_digest
-from smoe.data.store import check_store_output, is_zarr_store
+from smoe.data.store import check_store_folder, check_store_output, is_zarr_store
 from smoe.errors import InputError, one_line
 
 SAMPLE_CHUNK = 4096
@@ -342,16 +342,7 @@ def open_cluster_split(path: str | Path) -> ClusterData:
     path = Path(path)
     name = repr(str(path))
     hint = regenerate_hint(path)
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        beside = (
-            " (an unfinished .partial store is beside it: generate it again)"
-            if partial.exists()
-            else ""
-        )
-        raise InputError(f"store {name} does not exist{beside}")
-    if not path.is_dir():
-        raise InputError(f"store {name} is a file, not a zarr store (a folder)")
+    check_store_folder(path, "generate it again")
     if not is_zarr_store(path):
         raise InputError(
             f"store {name} is not a readable zarr store: its metadata zarr.json is missing, "

@@ -485,20 +485,22 @@ def field_reads(path: str | Path) -> Iterator[None]:
         raise error from exc
 
 
+def check_store_folder(path: Path, redo: str) -> None:
+    """Refuse, naming it, a store path that does not exist (saying so when an unfinished
+    ``.partial`` store lies beside it, and ``redo`` what makes it) or that is a file."""
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        beside = f" (an unfinished .partial store is beside it: {redo})" if partial.exists() else ""
+        raise InputError(f"store {str(path)!r} does not exist{beside}")
+    if not path.is_dir():
+        raise InputError(f"store {str(path)!r} is a file, not a zarr store (a folder)")
+
+
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a finished store lazily, with a clear error when it is missing, unfinished or
     damaged (garbled or missing metadata, a missing chunk of the field)."""
     path = Path(path)
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        hint = (
-            " (an unfinished .partial store is beside it: rerun the simulation)"
-            if partial.exists()
-            else ""
-        )
-        raise InputError(f"store {str(path)!r} does not exist{hint}")
-    if not path.is_dir():
-        raise InputError(f"store {str(path)!r} is a file, not a zarr store (a folder)")
+    check_store_folder(path, "rerun the simulation")
     _check_metadata(path)
     arrays = _open_arrays(path)
     try:
