@@ -333,7 +333,23 @@ def resolve_gated_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
     train = {**copy.deepcopy(TRAIN_DEFAULTS), **given}
     train["select"] = {**TRAIN_DEFAULTS["select"], **select}
     _check_settings(name, train)
-    _options(kind, sections["options"], f"model {name!r}")
+    options = _options(kind, sections["options"], f"model {name!r}")
+    if kind == "gated_distilled":
+        if not isinstance(options["teacher"], str) or not options["teacher"]:
+            raise InputError(
+                f"model {name!r}: option teacher must be the path of a trained gated MoE's "
+                f"best.pt, got {options['teacher']!r}"
+            )
+        if options["variant"] is not None and options["variant"] not in VARIANTS:
+            raise InputError(
+                f"model {name!r}: unknown variant {options['variant']!r}; valid: "
+                f"{', '.join(VARIANTS)}"
+            )
+    else:  # options checked on a small stand-in input before any work
+        try:
+            build_gated_model(kind, sections["options"], (1, 8, 8), CLASSES)
+        except InputError as exc:
+            raise InputError(f"model {name!r}: {exc}") from exc
     return ModelSpec(name, kind, sections["options"], train, sections["data"], sections["evaluate"])
 
 

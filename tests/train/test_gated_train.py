@@ -196,6 +196,9 @@ def test_builder_and_spec_checks():
         ({"options": {"importance": -1}}, "importance"),
         ({"kind": "cluster_moe"}, "not a gated model"),
         ({"train": {"epochs": 0}}, "epochs"),
+        ({"options": {"variant": "mean"}}, "variant"),
+        ({"options": {"experts": 2, "top_k": 3}}, "top_k"),
+        ({"kind": "gated_distilled"}, "teacher"),
     ):
         with pytest.raises(InputError, match=match):
             resolve_gated_spec({"name": "m", "kind": "gated_moe", **bad})
