@@ -82,6 +82,7 @@ from smoe.train.loop import TaskTrainer, TrainingError, TrainingTask
 
 __all__ = [
     "GATED_KINDS",
+    "gated_label",
     "GatedTask",
     "TRAIN_DEFAULTS",
     "build_gated_model",
@@ -265,6 +266,30 @@ def rebuild(arch: Mapping[str, Any]) -> nn.Module:
 
 
 # -- specs -------------------------------------------------------------------------------
+
+
+def gated_label(kind: str, options: Mapping[str, Any], teacher_attentive: bool = False) -> str:
+    """The paper's name of a configured model, e.g. ``top-2 + L_imp``, ``attentive
+    stochastic``, ``distilled attentive + L_imp`` or ``single``: the key that puts the
+    published figure beside ours, whatever the model is called in the config."""
+    if kind == "gated_single":
+        return "single"
+    defaults = MOE_OPTIONS if kind == "gated_moe" else DISTILLED_OPTIONS
+    opts = {**defaults, **dict(options or {})}
+    if kind == "gated_distilled":
+        name = "distilled attentive" if teacher_attentive else "distilled"
+    else:
+        variant, top_k = opts["variant"], opts["top_k"]
+        name = {"expectation": "expectation", "stochastic": "stochastic", "em": "EM"}.get(
+            variant, f"top-{top_k}"
+        )
+        if opts["attentive"]:
+            name = f"attentive {name}"
+    if opts.get("importance"):
+        name += " + L_imp"
+    if opts.get("similarity"):
+        name += " + L_s"
+    return name
 
 
 def _check_settings(name: str, train: dict[str, Any]) -> None:
@@ -600,9 +625,10 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
         "usage_entropy": None,
         "per_task_entropy": None,
     }
-    routing, variant, experts = None, None, None
+    routing, variant, experts, top_k, attentive = None, None, None, None, None
     if isinstance(model, GatedMoE):
         experts, variant = model.n_experts, model.variant
+        top_k, attentive = model.top_k, model.attentive
         metrics["mutual_information"] = mutual_information(
             out["choice"], out["expert_pred"], experts, classes
         )
@@ -616,7 +642,11 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
         "dataset": info["dataset"],
         "model": spec.name,
         "kind": spec.kind,
+        "label": gated_label(spec.kind, spec.options, _teacher_attentive(saved)),
+        "options": spec.options,
         "variant": variant,
+        "top_k": top_k,
+        "attentive": attentive,
         "experts": experts,
         "seed": int(saved["seed"]),
         "params": parameter_count(model),
@@ -631,6 +661,13 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
         "train_store": info["train_store"],
         "val_store": info["val_store"],
     }
+
+
+def _teacher_attentive(saved: Mapping[str, Any]) -> bool:
+    """Whether a distilled model's teacher had the attentive gate (from its provenance)."""
+    teacher = (saved.get("data_provenance") or {}).get("teacher") or {}
+    options = (teacher.get("spec") or {}).get("options") or {}
+    return bool(options.get("attentive"))
 
 
 def _stored_shape(in_shape: list[int]) -> list[int]:

@@ -16,6 +16,7 @@ from smoe.train.checkpoint import load_checkpoint
 from smoe.train.gated_task import (
     build_gated_model,
     evaluate_gated_checkpoint,
+    gated_label,
     resolve_gated_spec,
     train_gated,
 )
@@ -26,7 +27,11 @@ RESULT_KEYS = {
     "dataset",
     "model",
     "kind",
+    "label",
+    "options",
     "variant",
+    "top_k",
+    "attentive",
     "experts",
     "seed",
     "params",
@@ -98,6 +103,8 @@ def test_evaluation_json_has_every_key(moe_run, stores):
     assert set(result) == RESULT_KEYS and set(result["metrics"]) == METRIC_KEYS
     json.dumps(result)  # JSON-able
     assert result["kind"] == "gated_moe" and result["variant"] == "expectation"
+    assert result["label"] == "expectation" and result["options"] == {"experts": 4}
+    assert result["top_k"] == 1 and result["attentive"] is False
     assert result["experts"] == 4 and result["routing_rule"] == "argmax"
     matrix = result["routing"]["matrix"]
     assert len(matrix) == 4 and all(len(row) == 10 for row in matrix)
@@ -180,6 +187,34 @@ def test_distilled_gate_trains_only_the_gate(moe_run, stores, tmp_path):
     assert not torch.equal(student["gate.out.weight"], teacher["gate.out.weight"])
     result = evaluate_gated_checkpoint(tmp_path / "best.pt", stores["test"])
     assert result["kind"] == "gated_distilled" and result["metrics"]["test_accuracy"] > 50
+    assert result["label"] == "distilled"  # the teacher's gate was not attentive
+
+
+@pytest.mark.parametrize(
+    "kind, options, teacher_attentive, label",
+    [
+        ("gated_single", {"experts": 4}, False, "single"),
+        ("gated_moe", {}, False, "expectation"),
+        ("gated_moe", {"variant": "topk", "top_k": 2, "importance": 0.5}, False, "top-2 + L_imp"),
+        ("gated_moe", {"variant": "topk", "importance": 0.0}, False, "top-1"),
+        ("gated_moe", {"variant": "em"}, False, "EM"),
+        (
+            "gated_moe",
+            {"variant": "topk", "top_k": 2, "attentive": True, "similarity": {"beta_s": 1}},
+            False,
+            "attentive top-2 + L_s",
+        ),
+        ("gated_moe", {"variant": "stochastic", "attentive": True}, False, "attentive stochastic"),
+        (
+            "gated_distilled",
+            {"teacher": "t.pt", "importance": 1.0},
+            True,
+            "distilled attentive + L_imp",
+        ),
+    ],
+)
+def test_models_are_named_as_in_the_paper(kind, options, teacher_attentive, label):
+    assert gated_label(kind, options, teacher_attentive) == label
 
 
 def test_builder_and_spec_checks():
