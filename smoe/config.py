@@ -428,6 +428,9 @@ def check_config(
     _resolve_select_metrics(config)
     lines += check_models(config, schema)
     lines += check_clusters(config, schema)
+    from smoe.gated_config import check_gated, gated_cuda_wanted
+
+    lines += check_gated(config, schema)
     wanted: dict[str, list[str]] = {}
     for name, model in config["models"].items():
         if deep_merge(config["train"], model["train"]).get("device") == "cuda":
@@ -439,6 +442,9 @@ def check_config(
                 own = "device" in model["train"]
                 key = f"clusters.models.{name}.train.device" if own else "clusters.train.device"
                 wanted.setdefault(key, []).append(name)
+    if not lines:
+        for key, names in gated_cuda_wanted(config).items():
+            wanted.setdefault(key, []).extend(names)
     lines += _cuda_errors(wanted, mode, executor, warn or _warn_stderr)
     lines = list(dict.fromkeys(lines))  # a key shared by several models is named once
     if lines:

@@ -395,3 +395,120 @@ def cross_errors(kind: str, options: dict[str, Any], types: int | None) -> list[
                     )
                 )
     return errors
+
+
+# -- the gated modular MoE family (Krishnamurthy et al. 2023) ------------------------------
+
+GATED_VARIANTS = ("expectation", "stochastic", "topk", "em")
+"""Routing variants of ``smoe.models.gated.GatedMoE`` (a test keeps the two equal)."""
+
+_GATED_IMPORTANCE = {
+    "type": ["number", "null"],
+    "minimum": 0,
+    "default": None,
+    "description": "weight w of the importance loss w * CV(I)^2 (the paper 0.2..1.0); null: off",
+}
+_GATED_SIMILARITY = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "default": None,
+    "description": "the sample-similarity loss (null: off)",
+    "properties": {
+        "beta_s": {
+            "type": "number",
+            "minimum": 0,
+            "description": "weight of the pull of similar samples onto one expert",
+        },
+        "beta_d": {
+            "type": "number",
+            "minimum": 0,
+            "description": "weight of the push of dissimilar samples onto different experts",
+        },
+        "features": {
+            "type": ["string", "null"],
+            "description": "null: pixel distances; else the name of a gated_single model under "
+            "gated.models whose trained last hidden layer (32 features) gives the distances",
+        },
+    },
+    "x-what": "key of option similarity",
+}
+_GATED_ROUTING = {
+    "variant": _choice(GATED_VARIANTS, "expectation", "routing: expectation, stochastic, topk, em"),
+    "top_k": _int(1, "experts per sample of variant topk (1 <= top_k <= experts)"),
+}
+
+GATED_KIND_OPTIONS: dict[str, dict[str, Any]] = {
+    "gated_moe": {
+        "experts": _int(10, "number of experts E"),
+        **_GATED_ROUTING,
+        "attentive": _bool(False, "attentive gate (queries from the gate, keys from experts)"),
+        "temperature": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 1.0,
+            "description": "softmax temperature T of the gate, above 0",
+        },
+        "importance": _GATED_IMPORTANCE,
+        "similarity": _GATED_SIMILARITY,
+    },
+    "gated_single": {
+        "params_budget": {
+            "anyOf": [{"const": "match"}, {"type": "integer", "minimum": 1}],
+            "default": "match",
+            "description": "parameters of the single network: 'match' (those of the MoE of "
+            "options experts and attentive) or a positive integer",
+        },
+        "experts": _int(10, "experts of the MoE whose size 'match' copies"),
+        "attentive": _bool(False, "whether that MoE's gate is attentive"),
+    },
+    "gated_distilled": {
+        "teacher": {
+            "type": ["string", "null"],
+            "default": None,
+            "description": "name of the trained gated_moe model under gated.models whose "
+            "experts are frozen and reused (the paper: an attentive one); required",
+        },
+        "variant": _choice(GATED_VARIANTS, None, "routing of the new gate (null: the teacher's)"),
+        "top_k": _int(None, "experts per sample of variant topk (null: the teacher's)"),
+        "importance": _GATED_IMPORTANCE,
+        "similarity": _GATED_SIMILARITY,
+    },
+}
+"""Options of the gated family's kinds (``smoe.train.gated_task.build_gated_model``): name ->
+JSON schema with the builder's default. The input shape and the 10 classes come from the
+data, so neither is an option."""
+
+GATED_MODEL_KINDS = tuple(GATED_KIND_OPTIONS)
+
+
+def gated_kind_schema(kind: str) -> dict[str, Any]:
+    """The JSON schema of a gated-family kind's ``options`` mapping."""
+    return _object(GATED_KIND_OPTIONS[kind], f"option of model kind {kind!r}")
+
+
+def gated_defaults(kind: str) -> dict[str, Any]:
+    """The builder's default of every option of a gated-family ``kind``."""
+    return {name: schema["default"] for name, schema in GATED_KIND_OPTIONS[kind].items()}
+
+
+def gated_cross_errors(
+    kind: str, options: dict[str, Any], teacher_experts: int | None = None
+) -> list[tuple[str, str]]:
+    """(key relative to the options, message) for the rules that span a gated model's
+    options; ``teacher_experts`` is the expert count a distilled model inherits."""
+    merged = {**gated_defaults(kind), **options}
+    errors: list[tuple[str, str]] = []
+    if kind == "gated_single":
+        return errors
+    experts = merged["experts"] if kind == "gated_moe" else teacher_experts
+    variant, top_k = merged["variant"], merged["top_k"]
+    if top_k is not None and variant not in ("topk", None) and top_k != 1:
+        errors.append(("top_k", f"top_k={top_k} applies to variant topk only, not {variant}"))
+    elif top_k is not None and experts is not None and not 1 <= top_k <= experts:
+        errors.append(("top_k", f"top_k={top_k} must be between 1 and experts={experts} (k <= E)"))
+    similarity = merged["similarity"]
+    if similarity is not None and not (similarity.get("beta_s") or similarity.get("beta_d")):
+        errors.append(
+            ("similarity", "give beta_s and/or beta_d above 0 (or similarity: null for off)")
+        )
+    return errors

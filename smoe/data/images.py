@@ -140,8 +140,9 @@ def _read_bytes(path: Path) -> bytes:
         ) from exc
 
 
-def _idx_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
-    """The dimensions an IDX file declares, checked against its magic number and size."""
+def _idx_dims(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
+    """The dimensions an IDX file's header (the first bytes of ``data``) declares, checked
+    against its magic number."""
     name = repr(str(path))
     kind = "images" if magic == IDX_IMAGES_MAGIC else "labels"
     header = 4 + 4 * ndim
@@ -160,13 +161,28 @@ def _idx_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ..
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if any(d == 0 for d in dims[1:]):
         raise InputError(f"file {name} declares dimensions {dims}: an image size of 0")
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(data) != expected:
-        state = "truncated" if len(data) < expected else "longer than its header says"
-        raise InputError(
-            f"file {name} is {state}: its header declares dimensions {dims}, so "
-            f"{expected} bytes are expected (uncompressed), but it has {len(data)}"
-        )
+    return dims
+
+
+def _idx_size_error(path: Path, dims: tuple[int, ...], size: int, modulo: bool = False) -> None:
+    """Refuse an IDX file whose (uncompressed) ``size`` is not what its ``dims`` declare;
+    ``modulo``: ``size`` is a gzip trailer's, known modulo 2**32."""
+    expected = 4 + 4 * len(dims) + int(np.prod(dims, dtype=np.int64))
+    if (expected % 2**32 if modulo else expected) == size:
+        return
+    state = "truncated" if size < expected else "longer than its header says"
+    if modulo:
+        state = "truncated or damaged (its gzip trailer disagrees with its header)"
+    raise InputError(
+        f"file {str(path)!r} is {state}: its header declares dimensions {dims}, so "
+        f"{expected} bytes are expected (uncompressed), but it has {size}"
+    )
+
+
+def _idx_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
+    """The dimensions an IDX file declares, checked against its magic number and size."""
+    dims = _idx_dims(path, data, magic, ndim)
+    _idx_size_error(path, dims, len(data))
     return dims
 
 
@@ -309,6 +325,99 @@ def read_cifar10(folder: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]
         np.concatenate([b[0] for b in batches]),
         np.concatenate([b[1] for b in batches]),
     )
+
+
+# --- cheap checks, before any job runs --------------------------------------------------
+
+
+def _gzip_size(path: Path) -> int:
+    """The uncompressed size a gzip file's trailer records (modulo 2**32, enough here)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() < 18:
+            raise InputError(f"file {str(path)!r} is too short for a gzip file")
+        handle.seek(-4, 2)
+        return int.from_bytes(handle.read(4), "little")
+
+
+def _head(path: Path, size: int) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read(size)
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise InputError(
+            f"file {str(path)!r} is not a readable gzip file ({type(exc).__name__}: "
+            f"{one_line(exc)}); download it again"
+        ) from exc
+    except OSError as exc:
+        raise InputError(
+            f"file {str(path)!r} cannot be read: {exc.strerror or one_line(exc)}"
+        ) from exc
+
+
+def _check_idx(path: Path, magic: int, ndim: int) -> tuple[int, ...]:
+    """An IDX file's declared dimensions, checked against its magic number and its size
+    (a gzip file's by its trailer), without reading its body."""
+    dims = _idx_dims(path, _head(path, 4 + 4 * ndim), magic, ndim)
+    if path.suffix == ".gz":
+        _idx_size_error(path, dims, _gzip_size(path), modulo=True)
+    else:
+        _idx_size_error(path, dims, path.stat().st_size)
+    return dims
+
+
+def check_source(dataset: str, folder: str | Path | None) -> list[Path]:
+    """The files a dataset is converted from, checked as far as can be done in a moment:
+    present, of the right kind and magic number, of the declared size, images of the right
+    shape and as many labels as images (CIFAR-10: complete pickles). Returns the files (none
+    for digits). InputError names the folder, the file and what is wrong; a damaged body
+    that passes these checks is still refused, naming the file, by the conversion."""
+    check_dataset(dataset)
+    if dataset == "digits":
+        return []
+    if folder is None:
+        raise InputError(f"dataset {dataset!r} is read from files: give the folder holding them")
+    folder = Path(folder)
+    files: list[Path] = []
+    if dataset == "cifar10":
+        for part in PARTS:
+            for path in _find_files(folder, CIFAR_FILES[part], False, "cifar10"):
+                _check_pickle(path)
+                files.append(path)
+        return files
+    for part in PARTS:
+        images_file, labels_file = _find_files(folder, MNIST_FILES[part], True, dataset)
+        dims = _check_idx(images_file, IDX_IMAGES_MAGIC, 3)
+        if dims[1:] != MNIST_SIZE:
+            raise InputError(
+                f"file {str(images_file)!r} holds images of {dims[1]} x {dims[2]}, expected "
+                f"{MNIST_SIZE[0]} x {MNIST_SIZE[1]} for {dataset}"
+            )
+        (labels,) = _check_idx(labels_file, IDX_LABELS_MAGIC, 1)
+        if labels != dims[0]:
+            raise InputError(
+                f"{dataset} {part} part: file {str(labels_file)!r} holds {labels} labels but "
+                f"file {str(images_file)!r} holds {dims[0]} images"
+            )
+        files += [images_file, labels_file]
+    return files
+
+
+def _check_pickle(path: Path) -> None:
+    """A CIFAR-10 batch starts as a pickle (protocol 2+) and ends with its STOP opcode."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+        handle.seek(max(0, size - 1))
+        last = handle.read(1)
+    if first != b"\x80" or last != b".":
+        state = "truncated" if first == b"\x80" else "not a pickled CIFAR-10 python batch"
+        raise InputError(f"file {str(path)!r} is {state}; download the batches again")
+    if size < int(np.prod(CIFAR_SIZE)):
+        raise InputError(f"file {str(path)!r} is too short ({size} bytes) for a CIFAR-10 batch")
 
 
 # --- one entry point -------------------------------------------------------------------

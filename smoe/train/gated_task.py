@@ -9,8 +9,10 @@ its ``best.pt`` on a test store.
 Training: minibatches (``batch_size`` 512) of images scaled to [0, 1] float32, shuffled by
 the trainer's seeded generator, Adam (lr 1e-3, weight decay 1e-3), the variant's
 :func:`smoe.models.gated.gated_loss` plus the model options' regularisers (``importance:
-w`` adds :func:`importance_loss`, ``similarity: {beta_s, beta_d}`` adds
-:func:`sample_similarity_loss`; both off by default). The stochastic variant draws its
+w`` adds :func:`importance_loss`, ``similarity: {beta_s, beta_d, features}`` adds
+:func:`sample_similarity_loss`, on pixel distances or, with ``features`` (the path of a
+trained ``gated_single``'s ``best.pt``), on distances between that network's last hidden
+features; both off by default). The stochastic variant draws its
 training routes from the trainer's generator too, so a resumed run draws what an
 uninterrupted one would. Validation on the val store: ``val_accuracy`` (percent),
 ``val_loss`` and, for the MoE, ``val_usage_entropy`` and ``val_sample_entropy`` (bits); the
@@ -132,6 +134,8 @@ DISTILLED_OPTIONS: dict[str, Any] = {
 OPTIONS = {"gated_moe": MOE_OPTIONS, "gated_single": SINGLE_OPTIONS}
 OPTIONS["gated_distilled"] = DISTILLED_OPTIONS
 
+SIMILARITY_KEYS = {"beta_s", "beta_d", "features"}
+
 NOT_IDENTITY = ("progress", "checkpoint_every")
 """Train settings that cannot change a result, so a ``last.pt`` is resumed across them."""
 
@@ -160,15 +164,64 @@ def _options(kind: str, options: Mapping[str, Any] | None, where: str) -> dict[s
         )
     similarity = merged.get("similarity")
     if similarity is not None:
-        if not isinstance(similarity, Mapping) or set(similarity) - {"beta_s", "beta_d"}:
+        if not isinstance(similarity, Mapping) or set(similarity) - SIMILARITY_KEYS:
             raise InputError(
-                f"{where}: option similarity must be a mapping of beta_s and beta_d, "
-                f"got {similarity!r}"
+                f"{where}: option similarity must be a mapping of beta_s, beta_d and "
+                f"features, got {similarity!r}"
             )
         for key in ("beta_s", "beta_d"):
             if not _is_number(similarity.get(key, 0.0)):
                 raise InputError(f"{where}: option similarity.{key} must be a number")
+        features = similarity.get("features")
+        if features is not None and not isinstance(features, str | Path):
+            raise InputError(
+                f"{where}: option similarity.features must be null (pixel distances) or the "
+                f"path of a trained gated_single's best.pt, got {features!r}"
+            )
     return merged
+
+
+def _feature_network(path: Any, where: str) -> tuple[dict[str, Any], SingleModel]:
+    """A trained single network whose last hidden layer measures sample distances."""
+    saved = load_checkpoint(Path(path))
+    info = saved.get("data") or {}
+    arch = info.get("architecture") or {}
+    if info.get("family") != FAMILY or arch.get("type") != "single" or "val_metrics" not in saved:
+        raise InputError(
+            f"{where}: similarity.features {str(path)!r} is not the best.pt of a trained "
+            "gated_single"
+        )
+    model = rebuild(arch)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return saved, model
+
+
+def _weights_record(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a checkpoint another model builds on: its spec, seed, epoch and a
+    digest of its weights (a retrained teacher makes its students retrain)."""
+    digest = hashlib.sha256()
+    for key in sorted(saved["model"]):
+        digest.update(key.encode())
+        digest.update(saved["model"][key].cpu().numpy().tobytes())
+    return {
+        "spec": saved.get("spec"),
+        "seed": saved.get("seed"),
+        "epoch": saved.get("epoch"),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+@torch.no_grad()
+def feature_distances(network: SingleModel, x: torch.Tensor) -> torch.Tensor:
+    """D_ij = ||h(x_i) - h(x_j)|| / max over the batch, h the network's 32-d last hidden
+    layer: the sample-similarity loss's distances measured in a trained network's features."""
+    features = network.net(x)[1]
+    distances = torch.cdist(features, features)
+    top = distances.max()
+    return distances / top if top > 0 else distances
 
 
 def _teacher(path: Any, where: str) -> tuple[dict[str, Any], GatedMoE]:
@@ -447,18 +500,21 @@ class GatedTask(TrainingTask):
         self.val_y = torch.from_numpy(val.label).to(device)
         self.in_shape = tuple(int(n) for n in self.x.shape[1:])
         self.provenance = {"train": train.provenance, "val": val.provenance}
+        where = f"model {self.spec.name!r}"
         if self.spec.kind == "gated_distilled":
-            saved, _ = _teacher(self.options["teacher"], f"model {self.spec.name!r}")
-            digest = hashlib.sha256()
-            for key in sorted(saved["model"]):
-                digest.update(key.encode())
-                digest.update(saved["model"][key].cpu().numpy().tobytes())
-            self.provenance["teacher"] = {
-                "spec": saved.get("spec"),
-                "seed": saved.get("seed"),
-                "epoch": saved.get("epoch"),
-                "weights_sha256": digest.hexdigest(),
-            }
+            saved, _ = _teacher(self.options["teacher"], where)
+            self.provenance["teacher"] = _weights_record(saved)
+        self.features = None
+        features = (self.options.get("similarity") or {}).get("features")
+        if features is not None:
+            saved, network = _feature_network(features, where)
+            if tuple(network.net.trunk.in_shape) != self.in_shape:
+                raise InputError(
+                    f"{where}: similarity.features {str(features)!r} was trained on images "
+                    f"{tuple(network.net.trunk.in_shape)}, these are {self.in_shape}"
+                )
+            self.features = network.to(device)
+            self.provenance["features"] = _weights_record(saved)
 
     def build_model(self) -> nn.Module:
         model = build_gated_model(self.spec.kind, self.spec.options, self.in_shape, CLASSES)
@@ -534,8 +590,15 @@ class GatedTask(TrainingTask):
                 total = total + imp
                 totals["importance"] += float(imp.detach())
             if moe and similarity:
+                distances = None
+                if self.features is not None:
+                    distances = feature_distances(self.features, x)
                 sim = sample_similarity_loss(
-                    out["p"], x, similarity.get("beta_s", 0.0), similarity.get("beta_d", 0.0)
+                    out["p"],
+                    x,
+                    similarity.get("beta_s", 0.0),
+                    similarity.get("beta_d", 0.0),
+                    distances,
                 )
                 total = total + sim
                 totals["similarity"] += float(sim.detach())

@@ -190,6 +190,26 @@ def test_distilled_gate_trains_only_the_gate(moe_run, stores, tmp_path):
     assert result["label"] == "distilled"  # the teacher's gate was not attentive
 
 
+def test_similarity_on_a_trained_networks_features(stores, tmp_path):
+    single_dir, moe_dir = tmp_path / "single", tmp_path / "moe"
+    run(stores, spec("gated_single", {"experts": 4}, name="single", epochs=3), 0, single_dir)
+    features = str(single_dir / "best.pt")
+    options = {"experts": 4, "similarity": {"beta_s": 1.0, "beta_d": 1.0, "features": features}}
+    run(stores, spec(options=options, epochs=2), 0, moe_dir)
+    assert read_history(moe_dir)[0]["train_similarity"]  # the loss was computed
+    saved = load_checkpoint(moe_dir / "best.pt")
+    record = saved["data_provenance"]["features"]
+    assert record["seed"] == 0 and len(record["weights_sha256"]) == 64
+    # pixel distances give another loss, so another model
+    pixel = dict(options, similarity={"beta_s": 1.0, "beta_d": 1.0})
+    run(stores, spec(options=pixel, epochs=2), 0, tmp_path / "pixel")
+    other = load_checkpoint(tmp_path / "pixel" / "best.pt")["model"]
+    assert not torch.equal(other["gate.out.weight"], saved["model"]["gate.out.weight"])
+    with pytest.raises(InputError, match="not the best.pt of a trained gated_single"):
+        bad = dict(options, similarity={"beta_s": 1.0, "features": str(moe_dir / "best.pt")})
+        run(stores, spec(options=bad, epochs=1), 0, tmp_path / "bad")
+
+
 @pytest.mark.parametrize(
     "kind, options, teacher_attentive, label",
     [
