@@ -693,6 +693,8 @@ FIGURES = (
     "experts",
     "dispatch",
     "projection",
+    "gated-routing",
+    "accuracy-usage",
 )
 
 
@@ -707,7 +709,9 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         "RC loss and routing agreement per epoch), experts (SMoE expert x region-type counts); "
         "for the synthetic clusters: dispatch (samples of each cluster per expert, with the "
         "dispatch entropy, per MoE), projection (a split's samples projected on the "
-        "generating vectors).",
+        "generating vectors); for the gated modular MoE: gated-routing (expert x class "
+        "routing per MoE), accuracy-usage (test accuracy against expert-usage entropy H_u, "
+        "beside the published MNIST points).",
     )
     p.add_argument("kind", choices=FIGURES, help="which figure")
     p.add_argument(
@@ -715,7 +719,8 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="metrics JSON files (routing, bars, kernels, experts, dispatch)",
+        help="metrics JSON files (routing, bars, kernels, experts, dispatch, gated-routing, "
+        "accuracy-usage)",
     )
     p.add_argument(
         "--store", type=Path, default=None, help="synthetic-cluster split .zarr (projection)"
@@ -760,6 +765,8 @@ def _run_figure(args: argparse.Namespace) -> None:
         "experts": ("metrics",),
         "dispatch": ("metrics",),
         "projection": ("store",),
+        "gated-routing": ("metrics",),
+        "accuracy-usage": ("metrics",),
     }
     for option in needs[args.kind]:
         if not getattr(args, option):
@@ -799,6 +806,15 @@ def _run_figure(args: argparse.Namespace) -> None:
 
         open_cluster_split(args.store)  # a missing or damaged store, named
         paths = projection_figure(args.store, args.out)
+    elif args.kind in ("gated-routing", "accuracy-usage"):
+        from smoe.report import gated_figures
+
+        draw = {
+            "gated-routing": gated_figures.plot_gated_routing,
+            "accuracy-usage": gated_figures.plot_accuracy_usage,
+        }[args.kind]
+        draw(args.metrics, args.out)
+        paths = figures.figure_paths(args.out)
     else:
         paths = figures.kernels_figure(figures.load_metrics(args.metrics), args.out, args.metrics)
     print("wrote " + ", ".join(str(path) for path in paths))
@@ -861,6 +877,12 @@ def _run_provenance(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(path) for path in paths.values()))
 
 
+def _add_gated(sub: argparse._SubParsersAction) -> None:
+    from smoe.cli_gated import add_gated_commands
+
+    add_gated_commands(sub, _seed(MAX_TRAIN_SEED), _seed(MAX_DATA_SEED))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="smoe",
@@ -882,6 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_cluster_evaluate,
         _add_cluster_run,
         _add_cluster_table,
+        _add_gated,
         _add_figure,
         _add_provenance,
         _add_check_config,
@@ -930,6 +953,10 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
     if command == "cluster-table":
         tables = [args.out_dir / name for name in CLUSTER_TABLES]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
+    if command.startswith("gated-"):
+        from smoe.cli_gated import gated_paths
+
+        return gated_paths(args)
     if command == "figure":
         from smoe.report.figures import figure_paths
 

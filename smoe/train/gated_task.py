@@ -90,6 +90,8 @@ __all__ = [
     "build_gated_model",
     "evaluate_gated_checkpoint",
     "resolve_gated_spec",
+    "run_gated_seeds",
+    "seed_options",
     "train_gated",
     "write_json",
 ]
@@ -737,3 +739,54 @@ def _stored_shape(in_shape: list[int]) -> list[int]:
     """The store's image shape of a model input (C, H, W): (H, W) grey, (H, W, C) colour."""
     channels, height, width = in_shape
     return [height, width] if channels == 1 else [height, width, channels]
+
+
+def seed_options(
+    spec: ModelSpec | Mapping[str, Any],
+    seed: int,
+    teacher_dir: str | Path | None = None,
+    features_dir: str | Path | None = None,
+) -> ModelSpec:
+    """``spec`` with the models it builds on resolved for ``seed``: in a workflow config a
+    distilled model's ``teacher`` and a similarity loss's ``features`` name other models,
+    and seed k builds on their seed k, ``<dir>/seed<k>/best.pt``."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(dict(spec))
+    options = copy.deepcopy(spec.options)
+    if teacher_dir is not None:
+        options["teacher"] = str(Path(teacher_dir) / f"seed{seed}" / "best.pt")
+    if features_dir is not None:
+        similarity = dict(options.get("similarity") or {})
+        similarity["features"] = str(Path(features_dir) / f"seed{seed}" / "best.pt")
+        options["similarity"] = similarity
+    return ModelSpec(spec.name, spec.kind, options, spec.train, spec.data, spec.evaluate)
+
+
+def run_gated_seeds(
+    spec: ModelSpec | Mapping[str, Any],
+    stores: Mapping[str, str | Path],
+    seeds: list[int],
+    models_dir: str | Path,
+    metrics_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    features_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate one model for every seed in one process: ``<models_dir>/seed<k>/``
+    gets what :func:`train_gated` writes, ``<metrics_dir>/seed<k>.json`` the test metrics
+    (``stores``: ``train``, ``val`` and ``test``).
+
+    On digits a training takes seconds, about what starting Python and PyTorch takes, so the
+    workflow runs one job per model rather than per seed; each seed keeps its own folder,
+    checkpoints and resume, exactly as if it had been trained alone.
+    """
+    specs = [seed_options(spec, seed, teacher_dir, features_dir) for seed in seeds]
+    for resolved in specs:  # every seed's options checked before the first trains
+        resolve_gated_spec(resolved)
+    results = []
+    for seed, resolved in zip(seeds, specs, strict=True):
+        out = Path(models_dir) / f"seed{seed}"
+        train_gated(resolved, stores["train"], stores["val"], seed, out, progress)
+        result = evaluate_gated_checkpoint(out / "best.pt", stores["test"])
+        write_json(result, Path(metrics_dir) / f"seed{seed}.json")
+        results.append(result)
+    return results
