@@ -62,7 +62,9 @@ def mean_spread(mean: float, std: float | None, style: str) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A column: header text, unit (shown under the header; '' for none) and number style."""
+    """A column: header text, unit (shown under the header; '' for none) and number style
+    (``text``: words, left-aligned and wrapped in HTML, where the other styles are numbers
+    aligned right)."""
 
     header: str
     unit: str = ""
@@ -153,6 +155,7 @@ thead th { background: #f5f7fa; border-bottom: 2px solid #9aa5b1; vertical-align
 thead th.group { text-align: center; border-bottom: 1px solid #9aa5b1; }
 th.label, td.label { text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { text-align: left; white-space: normal; max-width: 40rem; }
 th .unit { display: block; font-weight: 400; color: #616e7c; font-size: .85em; }
 tr.reference td { background: #f0f4f8; }
 tr.published td { background: #fffbea; }
@@ -204,7 +207,10 @@ def html_table(table: Table) -> str:
         if row.source == "published":
             number = citations.index(row.citation) + 1
             label += f'<sup><a href="#cite-{number}">[{number}]</a></sup>'
-        cells = "".join(f'<td class="num">{_e(cell)}</td>' for cell in row.cells)
+        cells = "".join(
+            f'<td class="{"text" if column.style == "text" else "num"}">{_e(cell)}</td>'
+            for column, cell in zip(table.columns, row.cells, strict=True)
+        )
         parts.append(f'<tr class="{row.source}"><td class="label">{label}</td>{cells}</tr>')
     parts += ["</tbody>", "</table>"]
     sources = sorted({row.source for row in table.rows} - {"ours"}, key=SOURCES.index)
