@@ -6,6 +6,7 @@ import torch
 from smoe.errors import InputError
 from smoe.models.gated import (
     Expert,
+    ExpertBank,
     Gate,
     GatedMoE,
     SingleModel,
@@ -52,8 +53,27 @@ def test_every_variant_gives_a_finite_differentiable_loss(shape, flat, variant, 
     # the attentive gate scores with W_q h_g, leaving the gate's last layer unused
     gate = [model.gate.fc1, model.gate.fc2] + ([model.query] if attentive else [model.gate.out])
     grads = [p.grad for layer in gate for p in layer.parameters()]
-    grads += [p.grad for p in model.experts[0].parameters()]
+    grads += [p.grad for p in model.experts.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_the_expert_bank_computes_and_starts_as_separate_experts():
+    torch.manual_seed(3)
+    bank = ExpertBank((1, 8, 8), 10, experts=4)
+    torch.manual_seed(3)
+    separate = [Expert((1, 8, 8), 10) for _ in range(4)]
+    x = torch.randn(5, 1, 8, 8)
+    log_probs, hidden = bank(x)
+    assert log_probs.shape == (5, 4, 10) and hidden.shape == (5, 4, 32)
+    for e, expert in enumerate(separate):
+        want_log_probs, want_hidden = expert(x)
+        torch.testing.assert_close(log_probs[:, e], want_log_probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hidden[:, e], want_hidden, rtol=1e-5, atol=1e-6)
+        one_log_probs, _ = bank.expert(e, x)
+        torch.testing.assert_close(one_log_probs, want_log_probs, rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in bank.parameters()) == 4 * sum(
+        p.numel() for p in separate[0].parameters()
+    )
 
 
 def test_expectation_loss_is_the_nll_of_the_mixture():
@@ -129,7 +149,7 @@ def test_attentive_gate_matches_the_formula_by_hand():
     for n in range(2):
         scores = []
         for e in range(3):
-            _, he = model.experts[e](x[n : n + 1])
+            _, he = model.experts.expert(e, x[n : n + 1])
             q = model.query.weight @ hg[n]
             k = model.key.weight @ he[0]
             scores.append(float((q @ k).detach()) / math.sqrt(32))
