@@ -1,7 +1,9 @@
 """smoe workflow: region map -> heat-diffusion splits (zarr) -> trained models -> test metrics ->
 tables, figures and an HTML report (`snakemake --report report.html`); with
 `clusters.enabled: true` also the synthetic-cluster family (Chen et al. 2022) under
-results/clusters/ (named targets: `clusters`, `clusters_table`).
+results/clusters/ (named targets: `clusters`, `clusters_table`); with `gated.enabled: true`
+the gated modular MoE family (Krishnamurthy et al. 2023) under results/gated/ (named
+targets: `gated`, `gated_table`).
 
 Run from the repository root: `snakemake --cores 2` builds everything for
 config/config.yaml; `--configfile config/paper.yaml` gives the paper's sizes. The config
@@ -28,6 +30,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/clusters.smk"
+include: "workflow/rules/gated.smk"
 
 
 rule all:

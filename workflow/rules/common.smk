@@ -28,6 +28,12 @@ from smoe.config import (
 )
 from smoe.data.choices import chunk_runs, task_runs
 from smoe.errors import InputError
+from smoe.gated_config import (
+    gated_dependencies,
+    gated_model_spec,
+    gated_models_to_run,
+    gated_source_files,
+)
 from smoe.option_schema import CLUSTER_EPOCHS, cluster_defaults
 from smoe.stale import stale_outputs
 
@@ -103,6 +109,7 @@ DIAGNOSTICS_CATEGORY = "Training diagnostics"
 PROVENANCE_CATEGORY = "Versions and configuration"
 FAMILY = "Heat diffusion (SMoE)"
 CLUSTERS_FAMILY = "Synthetic clusters (Chen et al. 2022)"
+GATED_FAMILY = "Gated modular MoE (Krishnamurthy et al. 2023)"
 
 
 MODELS = models_to_run(config)
@@ -219,15 +226,21 @@ def provenance_inputs():
     tables = [f"{RESULTS}/tables/summary.csv"] if MODELS else []
     if config["clusters"]["enabled"] and CLUSTER_SETTINGS and CLUSTER_MODELS:
         tables.append(CLUSTER_TABLES["csv"])
+    if config["gated"]["enabled"] and GATED_MODELS:
+        tables.append(GATED_TABLES["csv"])
     return tables
 
 
 def all_targets():
     """Data -> train -> evaluate -> aggregate -> figures, for every enabled family, and
     the page saying which config and software made them."""
-    targets = data_targets() + metrics_targets() + report_targets()
+    targets = []
+    if MODELS:  # `models: {}` with another family enabled runs that family alone
+        targets += data_targets() + metrics_targets() + report_targets()
     if config["clusters"]["enabled"]:
         targets += cluster_targets()
+    if config["gated"]["enabled"]:
+        targets += gated_targets()
     if provenance_inputs():
         targets.append(f"{RESULTS}/report/provenance.html")
     return targets
@@ -511,3 +524,163 @@ def cluster_train_runtime(wildcards):
     epochs = spec.train["epochs"] or CLUSTER_EPOCHS[spec.kind]
     work = 3 * epochs * samples * values * filters * len(CLUSTER_SEEDS)
     return max(30, int(10 * work / 1e9 / 60) + 30)
+
+
+# -- the gated modular MoE family (Krishnamurthy et al. 2023): results/gated/ ---------------
+# `gated.enabled` puts the family into `rule all`; the named targets `gated` and
+# `gated_table` build it from its section either way.
+
+GATED = config["gated"]
+GATED_DIR = f"{RESULTS}/gated"
+GATED_MODELS = gated_models_to_run(config)
+GATED_SEEDS = [str(seed) for seed in GATED["seeds"]]
+GATED_TABLES = {
+    "csv": f"{GATED_DIR}/table.csv",
+    "markdown": f"{GATED_DIR}/table.md",
+    "html": f"{GATED_DIR}/table.html",
+}
+GATED_WILDCARDS = {
+    "split": "train|val|test",
+    "model": "|".join(map(re.escape, GATED["models"])) or "no-models",
+}
+
+
+def gated_store(split):
+    return f"{GATED_DIR}/data/{split}.zarr"
+
+
+def _gated_metrics(models):
+    return [
+        f"{GATED_DIR}/metrics/{model}/seed{seed}.json"
+        for model in models
+        for seed in GATED_SEEDS
+    ]
+
+
+def gated_metrics_targets():
+    """One test-metrics JSON per model x seed."""
+    return _gated_metrics(GATED_MODELS)
+
+
+def gated_moe_metrics_targets():
+    """Metrics of the mixtures only (gated_moe, gated_distilled): the routing figure."""
+    kinds = ("gated_moe", "gated_distilled")
+    return _gated_metrics(
+        [m for m in GATED_MODELS if GATED["models"][m]["kind"] in kinds]
+    )
+
+
+def gated_figure_targets():
+    names = ["accuracy_usage"] + (["routing"] if gated_moe_metrics_targets() else [])
+    return [
+        f"{GATED_DIR}/figures/{name}.{fmt}" for name in names for fmt in ("png", "svg")
+    ]
+
+
+def gated_targets():
+    """Stores -> trained models -> metrics -> table and figures of the gated family."""
+    if not GATED_MODELS:
+        return []
+    return (
+        [gated_store(split) for split in ("train", "val", "test")]
+        + gated_metrics_targets()
+        + list(GATED_TABLES.values())
+        + gated_figure_targets()
+    )
+
+
+def gated_table_inputs():
+    """The table target: nothing when the section has no model."""
+    return [GATED_TABLES["csv"]] if GATED_MODELS else []
+
+
+def gated_source_inputs(wildcards):
+    """The data set's files (MNIST IDX, CIFAR batches): editing them rebuilds the stores."""
+    return [str(path) for path in gated_source_files(config)]
+
+
+def gated_data_args(wildcards):
+    data = GATED["data"]
+    args = [
+        f"--dataset {data['dataset']}",
+        f"--seed {data['seed']}",
+        f"--val-fraction {data['val_fraction']}",
+    ]
+    if data["folder"] is not None:
+        args.append(f"--folder {shlex.quote(str(data['folder']))}")
+    return " ".join(args)
+
+
+def gated_seed_outputs(kind, name=None):
+    """One output per seed of a model's job: ``models/<model>/seed<k>/<name>`` or
+    ``metrics/<model>/seed<k>.json``."""
+    base = f"{GATED_DIR}/{kind}/{{model}}"
+    if kind == "metrics":
+        return [f"{base}/seed{seed}.json" for seed in GATED_SEEDS]
+    return [f"{base}/seed{seed}/{name}" for seed in GATED_SEEDS]
+
+
+def gated_dependency_inputs(wildcards):
+    """Every seed's best.pt of the models this one builds on (teacher, feature network)."""
+    return [
+        f"{GATED_DIR}/models/{other}/seed{seed}/best.pt"
+        for other in gated_dependencies(config, wildcards.model).values()
+        for seed in GATED_SEEDS
+    ]
+
+
+def gated_dependency_args(wildcards):
+    needs = gated_dependencies(config, wildcards.model)
+    return " ".join(
+        f"--{role}-dir {GATED_DIR}/models/{other}" for role, other in needs.items()
+    )
+
+
+def gated_model_dir(wildcards):
+    return f"{GATED_DIR}/models/{wildcards.model}"
+
+
+def gated_metrics_dir(wildcards):
+    return f"{GATED_DIR}/metrics/{wildcards.model}"
+
+
+def gated_spec_json(wildcards):
+    """The model's spec: a change to it (and only to it) retrains the model."""
+    return gated_model_spec(config, wildcards.model).to_json()
+
+
+def gated_train_threads(wildcards):
+    return gated_model_spec(config, wildcards.model).train["threads"]
+
+
+def gated_train_gpus(wildcards):
+    """A GPU only when the model's config sends it to CUDA."""
+    return (
+        1 if gated_model_spec(config, wildcards.model).train["device"] == "cuda" else 0
+    )
+
+
+def _gated_train_images():
+    """Train images and values per image of the configured data set."""
+    sizes = {
+        "digits": (1438, 64),
+        "mnist": (60000, 784),
+        "fashion-mnist": (60000, 784),
+        "cifar10": (50000, 3072),
+    }
+    return sizes[GATED["data"]["dataset"]]
+
+
+def gated_train_mem_mb(wildcards):
+    """The train split as float32 a few times over, plus PyTorch."""
+    images, values = _gated_train_images()
+    return int(2000 + 4 * images * values * 4 / 2**20)
+
+
+def gated_train_runtime(wildcards):
+    """Cluster time limit in minutes: per seed, epochs x images at a slow core's 2,000
+    images a second for a 10-expert MoE on MNIST-sized inputs, times three, plus 30."""
+    images, values = _gated_train_images()
+    spec = gated_model_spec(config, wildcards.model)
+    seconds = spec.train["epochs"] * images * values / 784 / 2000 * len(GATED_SEEDS)
+    return max(30, int(3 * seconds / 60) + 30)
