@@ -5,9 +5,29 @@ time, so this module imports nothing beyond the standard library.
 """
 
 import math
+import re
 
 COMPRESSIONS = ("lz4", "zstd", "none")
 SCHEDULERS = ("threads", "processes", "synchronous", "distributed")
+SCHEDULER_ADDRESS = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})/?$")
+"""A running dask scheduler's address, ``tcp://HOST:PORT`` (an IPv6 host in brackets); the
+config schema's pattern for ``compute.scheduler`` says the same."""
+
+
+def scheduler_address(scheduler: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://`` scheduler address, None for a local scheduler's name;
+    ValueError for anything else (syntax only: nothing is contacted)."""
+    if scheduler in SCHEDULERS:
+        return None
+    match = SCHEDULER_ADDRESS.match(scheduler)
+    if match is None or not 1 <= int(match[2]) <= 65535:
+        raise ValueError(
+            f"scheduler {scheduler!r} is neither one of {', '.join(SCHEDULERS)} nor the "
+            "address of a running dask scheduler, tcp://HOST:PORT (e.g. tcp://node12:8786)"
+        )
+    return match[1].strip("[]"), int(match[2])
+
+
 TARGET_CHUNK_BYTES = 8 * 2**20
 """Stored chunks of about 8 MiB: big enough for fast I/O, small enough for lazy reads."""
 TARGET_TASK_RUNS = 32

@@ -8,8 +8,11 @@ only when complete, so a killed job never leaves a store that looks finished.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 from smoe import __version__
 from smoe.atomic import atomic_directory, atomic_file
-from smoe.data.choices import COMPRESSIONS, SCHEDULERS, chunk_runs, task_runs
+from smoe.data.choices import COMPRESSIONS, chunk_runs, scheduler_address, task_runs
 from smoe.data.heat import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
 from smoe.data.mask import check_mask, mask_dataset
 from smoe.errors import InputError, one_line
@@ -220,8 +223,10 @@ def simulate_split(
     if runs_per_chunk is not None and runs_per_chunk < 1:
         raise InputError(f"runs_per_chunk must be at least 1, got {runs_per_chunk}")
     codecs = compressors(compression)
-    if scheduler not in SCHEDULERS and not scheduler.startswith("tcp://"):
-        raise InputError(f"scheduler {scheduler!r} is not one of {SCHEDULERS} or a tcp:// address")
+    try:
+        scheduler_address(scheduler)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     out = Path(out)
     if out.suffix != ".zarr":
         raise InputError(f"output {str(out)!r}: a store's name must end in .zarr")
@@ -234,43 +239,163 @@ def simulate_split(
         mask, params, plan, per_chunk, store_attrs(params, split, seed, runs, mask_source)
     )
     encoding = {"u": {"chunks": ds["u"].data.chunksize, "compressors": codecs}}
-    with atomic_directory(out) as partial:
+    # A running scheduler is reached (or refused) before anything is written.
+    with dask_client(scheduler, workers) as client, atomic_directory(out) as partial:
         # Metadata and the small variables now; the field's chunks by the tasks below.
         ds.to_zarr(
             partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding, compute=False
         )
-        field_path = str(partial / "u")
+        # Absolute: a remote worker's working directory is not ours.
+        field_path = str((partial / "u").absolute())
+        if client is not None and scheduler_address(scheduler) is not None:
+            check_workers_see(client, field_path, scheduler)
         tasks = [
             dask.delayed(simulate_into_store, pure=True, traverse=False)(
                 mask, params, plan.select(start, min(start + per_task, runs)), field_path, start
             )
             for start in range(0, runs, per_task)
         ]
-        run_dask(tasks, scheduler, workers, progress, f"simulate {split}")
+        run_dask(tasks, scheduler, workers, progress, f"simulate {split}", client=client)
     return out
 
 
-def run_dask(work, scheduler: str, workers: int, progress: bool, description: str):
-    """Compute a dask collection on the chosen scheduler, with a progress bar if asked;
-    returns the computed value of ``work``."""
-    if scheduler == "distributed" or scheduler.startswith("tcp://"):
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach a running dask scheduler (``compute.scheduler: tcp://...``) before the
+job fails; reaching it is checked when the job starts, the config only checks the syntax."""
+
+
+def _log(message: str) -> None:
+    """A line for the job log (stderr; the workflow sends it to the rule's log file)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _scheduler_error(address: str, reason: str) -> InputError:
+    return InputError(
+        f"cannot use the dask scheduler {address} (config key 'compute.scheduler', option "
+        f"--scheduler): {reason}; start one there (dask scheduler, or dask-jobqueue's "
+        "SLURMCluster) and check the host and port, or set compute.scheduler to threads"
+    )
+
+
+async def _identify(address: str, timeout: float) -> dict:
+    """The ``identity`` a dask scheduler at ``address`` answers with."""
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=timeout)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+    finally:
+        await comm.close()
+
+
+def connect_scheduler(address: str, timeout: float = CONNECT_TIMEOUT):
+    """A ``distributed.Client`` of the running scheduler at ``address`` (tcp://HOST:PORT),
+    after logging its address, workers and dashboard; an InputError naming the config key
+    and the address when it cannot be reached within ``timeout`` seconds."""
+    from distributed import Client
+
+    host, port = scheduler_address(address) or ("", 0)
+    # A plain TCP connection first: nothing listening fails at once with the system's
+    # reason, instead of after the client's retries.
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or one_line(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise _scheduler_error(address, f"cannot connect ({reason})") from None
+    # Then dask's handshake, bounded: the client's own timeout does not cover a server that
+    # accepts the connection and never answers (something else listening on that port).
+    try:
+        identity = asyncio.run(asyncio.wait_for(_identify(address, timeout), timeout))
+    except (OSError, TimeoutError) as exc:
+        reason = one_line(exc) or type(exc).__name__
+        raise _scheduler_error(
+            address, f"no dask scheduler answered within {timeout:g} s ({reason})"
+        ) from None
+    if not isinstance(identity, dict) or identity.get("type") != "Scheduler":
+        raise _scheduler_error(address, "what answers there is not a dask scheduler")
+    try:
+        client = Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise _scheduler_error(
+            address, f"no dask scheduler answered within {timeout:g} s ({one_line(exc)})"
+        ) from None
+    info = client.scheduler_info()
+    workers = info.get("workers", {})
+    threads = sum(worker.get("nthreads", 0) for worker in workers.values())
+    if "dashboard" in info.get("services", {}):
+        dashboard = client.dashboard_link
+    else:
+        dashboard = "none (install bokeh>=3.1 where the scheduler runs to get one)"
+    _log(
+        f"dask scheduler {info.get('address', address)}: {len(workers)} worker(s), "
+        f"{threads} thread(s); dashboard {dashboard}"
+    )
+    if not workers:
+        _log("the scheduler has no workers yet: the tasks wait until workers connect")
+    return client
+
+
+def check_workers_see(client, path: str, address: str) -> None:
+    """Refuse a cluster whose workers cannot open the store being written (it must be on a
+    file system they share with this job) or cannot import smoe."""
+
+    def probe(path: str = path) -> str:
+        import importlib.util
+        import os
+
+        if importlib.util.find_spec("smoe") is None:
+            return "smoe is not installed in its Python environment"
+        if not os.path.isdir(path):
+            return f"it cannot see {path!r} (results must be on a file system the workers share)"
+        return ""
+
+    problems = {worker: text for worker, text in client.run(probe).items() if text}
+    if problems:
+        worker, text = next(iter(sorted(problems.items())))
+        more = f" (and {len(problems) - 1} more worker(s))" if len(problems) > 1 else ""
+        raise _scheduler_error(address, f"worker {worker}: {text}{more}")
+
+
+@contextmanager
+def dask_client(scheduler: str, workers: int) -> Iterator:
+    """The ``distributed.Client`` a scheduler needs, closed at the end (a cluster of our own
+    too, a running scheduler and its workers never), or None for dask's local schedulers."""
+    if scheduler == "distributed":
         from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    elif scheduler_address(scheduler) is not None:
+        client = connect_scheduler(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+    else:
+        yield None
+
+
+def run_dask(work, scheduler: str, workers: int, progress: bool, description: str, client=None):
+    """Compute a dask collection on the chosen scheduler (with ``client`` when given, as
+    :func:`dask_client` makes it), with a progress bar if asked; returns its value."""
+    if client is None and (scheduler == "distributed" or scheduler_address(scheduler)):
+        with dask_client(scheduler, workers) as own:
+            return run_dask(work, scheduler, workers, progress, description, client=own)
+    if client is not None:
         from distributed import progress as show_progress
 
-        if scheduler == "distributed":
-            cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-            )
-        else:
-            cluster = None
-        with Client(cluster if cluster is not None else scheduler) as client:
-            futures = client.compute(work)
-            if progress:
-                show_progress(futures)
-            result = client.gather(futures)
-        if cluster is not None:
-            cluster.close()
-        return result
+        futures = client.compute(work)
+        if progress:
+            show_progress(futures, interval="1s")
+        return client.gather(futures)
     if progress:
         from tqdm.dask import TqdmCallback
 
