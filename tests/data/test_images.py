@@ -6,6 +6,7 @@ import pytest
 
 from smoe.data.images import (
     DIGITS_TEST_FRACTION,
+    check_source,
     digits_part,
     digits_to_uint8,
     read_cifar10,
@@ -236,3 +237,55 @@ def test_cifar_batch_pickled_by_old_numpy(tmp_path):
     images, labels = read_cifar_batch(path)
     np.testing.assert_array_equal(images.transpose(0, 3, 1, 2).reshape(20, 3072), batch[b"data"])
     np.testing.assert_array_equal(labels, batch[b"labels"])
+
+
+# --- check_source: the cheap checks made when the config is validated --------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_check_source_accepts_a_whole_mnist_folder(tmp_path, gz):
+    make_mnist(tmp_path, gz=gz)
+    files = check_source("mnist", tmp_path)
+    assert [f.name.split("-")[0] for f in files] == ["train", "train", "t10k", "t10k"]
+    assert all(f.suffix == (".gz" if gz else "") for f in files)
+    assert check_source("digits", None) == []
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_check_source_refuses_a_truncated_file_without_reading_it_all(tmp_path, gz):
+    make_mnist(tmp_path, gz=gz)
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(InputError, match=r"train-images-idx3-ubyte.*truncated"):
+        check_source("mnist", tmp_path)
+
+
+def test_check_source_names_wrong_magic_shape_and_counts(tmp_path):
+    make_mnist(tmp_path)
+    write(tmp_path / "t10k-labels-idx1-ubyte", idx_images(np.zeros((5, 28, 28))))
+    with pytest.raises(InputError, match="t10k-labels-idx1-ubyte' has magic number 2051"):
+        check_source("mnist", tmp_path)
+    write(tmp_path / "t10k-labels-idx1-ubyte", idx_labels(np.zeros(4, dtype=np.uint8)))
+    with pytest.raises(InputError, match="holds 4 labels but file .* holds 5 images"):
+        check_source("mnist", tmp_path)
+    write(tmp_path / "train-images-idx3-ubyte", idx_images(np.zeros((12, 8, 8))))
+    with pytest.raises(InputError, match="holds images of 8 x 8, expected 28 x 28"):
+        check_source("fashion-mnist", tmp_path)
+
+
+def test_check_source_of_cifar_batches(tmp_path):
+    make_cifar(tmp_path, n=3)
+    assert len(check_source("cifar10", tmp_path)) == 6
+    path = tmp_path / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(InputError, match="data_batch_3' is truncated"):
+        check_source("cifar10", tmp_path)
+    path.write_bytes(b"not a pickle" * 10000)
+    with pytest.raises(InputError, match="data_batch_3' is not a pickled CIFAR-10"):
+        check_source("cifar10", tmp_path)
+    make_cifar(tmp_path, n=3)
+    (tmp_path / "test_batch").unlink()
+    with pytest.raises(InputError, match="lacks 1 file"):
+        check_source("cifar10", tmp_path)
+    with pytest.raises(InputError, match="give the folder"):
+        check_source("mnist", None)
