@@ -45,3 +45,10 @@ def test_data_stage_on_a_dask_cluster(repo, tmp_path):
     )
     ours = open_store(tmp_path / "results" / "test" / "data" / "heat" / "train.zarr")
     np.testing.assert_array_equal(ours["u"].values, open_store(local)["u"].values)
+    # Where the tasks ran changes no value, so switching back to a local scheduler on the
+    # finished folder plans nothing.
+    again = run_snakemake(
+        repo, tmp_path, *targets, "-n", "--config", "compute={scheduler: threads}"
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]

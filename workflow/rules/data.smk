@@ -43,8 +43,8 @@ rule simulate:
     params:
         args=simulate_args,
     shell:
-        "smoe simulate --mask {input.mask} {params.args} --workers {threads} "
-        "--out {output} > {log} 2>&1"
+        "smoe simulate --mask {input.mask} {params.args} --scheduler {SCHEDULER} "
+        "--workers {threads} --out {output} > {log} 2>&1"
 
 
 rule export_netcdf:
