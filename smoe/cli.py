@@ -280,6 +280,7 @@ def _run_train(args: argparse.Namespace) -> None:
     import json
 
     from smoe.config import load_config, model_spec, validate_spec
+    from smoe.train.distributed import is_main
     from smoe.train.loop import train
 
     if args.config is not None:
@@ -294,11 +295,12 @@ def _run_train(args: argparse.Namespace) -> None:
         # the workflow's checks of a model, keys named; the store gives types and steps
         spec = validate_spec(raw, args.train_store)
     summary = train(spec, args.train_store, args.val_store, args.seed, args.out, args.progress)
-    print(
-        f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
-        f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
-        f"({summary['stop_reason']})"
-    )
+    if is_main():  # under torchrun: rank 0 speaks for all
+        print(
+            f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
+            f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
+            f"({summary['stop_reason']})"
+        )
 
 
 def _add_tune_lr(sub: argparse._SubParsersAction) -> None:

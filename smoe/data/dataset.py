@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from smoe.data.provenance import store_inconsistencies, store_provenance
 from smoe.data.store import (
@@ -367,23 +373,28 @@ class HeatPairs(Dataset):
         shuffle: bool,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         """Batches [B, C, H, W], [B, 1, H, W] without a DataLoader.
 
         The order is drawn now, with one ``torch.randperm`` on ``generator``, so restoring
         the generator's state from before this call replays the same epoch (for resuming).
         Eager batches are gathered with one indexing operation each: per-sample Python and
-        collation would dominate the cost of a small model.
+        collation would dominate the cost of a small model. With ``part`` (rank, processes)
+        each batch is only that process's share of it (:func:`share_of`), the order drawn as
+        without.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
-        starts = range(0, stop, batch_size)
+        batches = (order[s : s + batch_size] for s in range(0, stop, batch_size))
+        if part is not None:
+            batches = (share_of(indices, part) for indices in batches)
         if self._field is None:
-            return (self._stack(order[s : s + batch_size]) for s in starts)
-        return (self._gather(order[s : s + batch_size]) for s in starts)
+            return (self._stack(indices) for indices in batches)
+        return (self._gather(indices) for indices in batches)
 
     def _gather(self, indices: torch.Tensor) -> Batch:
         runs = indices // self.pairs_per_run
@@ -399,22 +410,59 @@ class HeatPairs(Dataset):
         return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
+def share_of(indices: Any, part: tuple[int, int]) -> Any:
+    """Process ``rank``'s contiguous share of a batch's ``indices`` (``part`` = rank,
+    processes): shares in rank order, the first ``len % processes`` one larger."""
+    rank, size = part
+    base, extra = divmod(len(indices), size)
+    start = rank * base + min(rank, extra)
+    return indices[start : start + base + (rank < extra)]
+
+
+class _SharedBatches:
+    """A batch sampler yielding one process's share of every batch of ``batches``."""
+
+    def __init__(self, batches: BatchSampler, part: tuple[int, int]) -> None:
+        self.batches, self.part = batches, part
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (share_of(indices, self.part) for indices in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def loader(
     dataset: HeatPairs,
     batch_size: int,
     shuffle: bool,
     generator: torch.Generator | None,
     workers: int = 0,
+    part: tuple[int, int] | None = None,
 ) -> Iterable[Batch]:
     """The batches for one epoch: in-process when possible, DataLoader workers otherwise.
 
     Workers only pay off when samples come from disk; an eager dataset is already in memory
-    and would only be copied into each worker.
+    and would only be copied into each worker. With ``part`` (rank, processes) each batch
+    is that process's share of the batch one process would get (multi-process training);
+    ``generator`` is drawn from exactly as without.
     """
     if workers < 0:
         raise InputError(f"workers must be >= 0, got {workers}")
     if dataset.eager or workers == 0:
-        return dataset.batches(batch_size, shuffle, generator)
+        return dataset.batches(batch_size, shuffle, generator, part=part)
+    if part is not None:  # the sampler DataLoader(shuffle=True) builds, batches shared out
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
+        sampler = sampler or SequentialSampler(dataset)
+        return DataLoader(
+            dataset,
+            batch_sampler=_SharedBatches(BatchSampler(sampler, batch_size, False), part),
+            generator=generator,
+            num_workers=workers,
+            multiprocessing_context=dataset.worker_context(),
+            persistent_workers=False,
+            pin_memory=False,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -69,6 +69,7 @@ from smoe.models.gated import (
     sample_similarity_loss,
     trainable_parameters,
 )
+from smoe.train import distributed
 from smoe.train.checkpoint import load_checkpoint
 from smoe.train.device import resolve_device
 from smoe.train.evaluate import write_json
@@ -479,7 +480,10 @@ def gated_outputs(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) ->
 
 
 class GatedTask(TrainingTask):
-    """The gated-modular-network family's part of training; see the module docstring."""
+    """The gated-modular-network family's part of training; see the module docstring.
+    Trains on several processes under ``torchrun`` too (:meth:`_train_epoch_shared`)."""
+
+    multi_process = True
 
     def __init__(
         self, spec: ModelSpec | Mapping[str, Any], train_store: str | Path, val_store: str | Path
@@ -565,6 +569,8 @@ class GatedTask(TrainingTask):
 
     # -- one epoch -----------------------------------------------------------------------
     def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
+        if trainer.world.multi:
+            return self._train_epoch_shared(trainer, epoch)
         model, optimizer = trainer.model, trainer.optimizer
         model.train()
         moe = isinstance(model, GatedMoE)
@@ -617,6 +623,91 @@ class GatedTask(TrainingTask):
             correct += int((log_probs.detach().argmax(dim=-1) == y).sum())
             steps += 1
         row = {"train_loss": totals["loss"] / steps, "train_accuracy": 100.0 * correct / n}
+        if moe and weight:
+            row["train_importance"] = totals["importance"] / steps
+        if moe and similarity:
+            row["train_similarity"] = totals["similarity"] / steps
+        return row
+
+    def _train_epoch_shared(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
+        """One epoch on this process's share of every global minibatch (under torchrun),
+        with the results of :meth:`train_epoch` in one process (to float rounding).
+
+        Every process draws the same batch order; the mean losses are weighted by the share
+        (DDP averages the gradients); what is computed over the whole batch sees the whole
+        batch: the regularisers get every process's p(.|x) (the others' as constants, this
+        share's with its gradient, so the summed gradient is the whole batch's), and the
+        stochastic variant's routes are drawn on the whole batch's p from the trainer's
+        generator, as one process draws them.
+        """
+        model, optimizer, world = trainer.model, trainer.optimizer, trainer.world
+        net = trainer.train_model
+        model.train()
+        moe = isinstance(model, GatedMoE)
+        stochastic = moe and model.variant == "stochastic"
+        if moe:  # the model's own draws are redone below on the whole batch
+            model.generator = torch.Generator(device=self.x.device).manual_seed(0)
+        weight = self.options.get("importance")
+        similarity = self.options.get("similarity")
+        gather = moe and bool(weight or similarity or stochastic)
+        n, batch_size = self.x.shape[0], self.settings["batch_size"]
+        distributed.check_batches(n, batch_size, world, f"model {self.spec.name!r}")
+        order = torch.randperm(n, generator=trainer.generator).to(self.x.device)
+        sums = torch.zeros(2, dtype=torch.float64)  # share-weighted loss, correct
+        totals = {"importance": 0.0, "similarity": 0.0}
+        steps = 0
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            low, high = distributed.share(len(index), world)
+            x, y = self.x[index[low:high]], self.y[index[low:high]]
+            share = (high - low) / len(index)
+            out = net(x)
+            if moe:
+                loss = gated_loss(out, y, model.variant)
+                log_probs = out["log_probs"]
+            else:
+                log_probs = out
+                loss = torch.nn.functional.nll_loss(out, y)
+            total = loss * (share * world.size)
+            if gather:
+                sizes = distributed.share_sizes(len(index), world.size)
+                p_all = distributed.gather_rows(out["p"].detach(), sizes)
+                p = torch.cat([p_all[:low], out["p"], p_all[high:]])
+            if stochastic:
+                choice = torch.multinomial(p_all, 1, generator=trainer.generator).squeeze(1)
+                rows = torch.arange(high - low, device=x.device)
+                log_probs = out["expert_log_probs"][rows, choice[low:high]]
+            if moe and weight:
+                imp = importance_loss(p, weight)
+                total = total + imp * world.size
+                totals["importance"] += float(imp.detach())
+            if moe and similarity:
+                x_all = self.x[index]
+                distances = None
+                if self.features is not None:
+                    distances = feature_distances(self.features, x_all)
+                sim = sample_similarity_loss(
+                    p,
+                    x_all,
+                    similarity.get("beta_s", 0.0),
+                    similarity.get("beta_d", 0.0),
+                    distances,
+                )
+                total = total + sim * world.size
+                totals["similarity"] += float(sim.detach())
+            if not math.isfinite(float(total.detach())):
+                raise TrainingError(
+                    f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at "
+                    f"epoch {epoch}, step {steps}; lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            sums[0] += float(loss.detach()) * share
+            sums[1] += int((log_probs.detach().argmax(dim=-1) == y).sum())
+            steps += 1
+        sums = distributed.all_reduce_sum(sums.to(self.x.device)).cpu()
+        row = {"train_loss": float(sums[0]) / steps, "train_accuracy": 100.0 * float(sums[1]) / n}
         if moe and weight:
             row["train_importance"] = totals["importance"] / steps
         if moe and similarity:
@@ -787,6 +878,7 @@ def run_gated_seeds(
         out = Path(models_dir) / f"seed{seed}"
         train_gated(resolved, stores["train"], stores["val"], seed, out, progress)
         result = evaluate_gated_checkpoint(out / "best.pt", stores["test"])
-        write_json(result, Path(metrics_dir) / f"seed{seed}.json")
+        if distributed.is_main():  # under torchrun every process evaluates, rank 0 writes
+            write_json(result, Path(metrics_dir) / f"seed{seed}.json")
         results.append(result)
     return results

@@ -50,6 +50,7 @@ from smoe.data.provenance import describe_difference
 from smoe.errors import InputError
 from smoe.models.registry import build_model, parameter_count
 from smoe.models.smoe import auxiliary_loss, set_loss_scale, smoe_layers
+from smoe.train import distributed
 from smoe.train.checkpoint import (
     FORMAT,
     capture_rng,
@@ -143,6 +144,11 @@ class TrainingTask:
     run's; :meth:`data_info` goes into every checkpoint for evaluation to read.
     """
 
+    multi_process: bool = False
+    """Whether the family trains on several processes under ``torchrun`` (its
+    :meth:`train_epoch` shares each global minibatch out, see
+    :mod:`smoe.train.distributed`); a family that does not is refused there."""
+
     checkpoint_every: int = 1
     """Epochs between two saves of ``last.pt`` (the last epoch is always saved). A killed
     run resumes from the last save and replays the epochs after it exactly, so a longer
@@ -194,6 +200,9 @@ class TrainingTask:
         """The part of the spec a resumed checkpoint must match (by default all of it)."""
         return self.spec.to_dict()
 
+    def check_processes(self, model: nn.Module, processes: int) -> None:
+        """Refuse (InputError) what this family cannot train on ``processes`` > 1."""
+
     def stop_reason(self, history: list[dict[str, Any]]) -> str:
         """A family's own stop rule, read after every epoch ("" = go on)."""
         return ""
@@ -224,13 +233,23 @@ class TaskTrainer:
         self.progress = progress
         if self.settings["threads"]:
             torch.set_num_threads(self.settings["threads"])
-        self.device = resolve_device(self.settings["device"])
+        self.world = distributed.launched()
+        self.device = distributed.device_of(resolve_device(self.settings["device"]), self.world)
+        if self.world.multi and not task.multi_process:
+            raise InputError(
+                f"model {self.spec.name!r}: {type(task).__name__} trains on one process only "
+                f"(full batch), but it was started as {self.world.size} processes (torchrun): "
+                "start it without torchrun"
+            )
+        distributed.setup(self.device)
         self.amp_dtype = resolve_precision(self.settings["precision"], self.device)
         if self.settings["deterministic"]:
             use_deterministic_algorithms(self.device)
         self.generator = seed_everything(seed)
         task.load(self.device)
         self.model = task.build_model().to(self.device)
+        if self.world.multi:
+            task.check_processes(self.model, self.world.size)
         self.params = parameter_count(self.model)
         self.optimizer = task.make_optimizer(self.model) if self.params else None
         self.scheduler = task.make_scheduler(self.optimizer) if self.params else None
@@ -238,27 +257,42 @@ class TaskTrainer:
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         set_loss_scale(self.model, self.scaler)  # routing signals stay those of the true loss
+        self.train_model = distributed.wrap(self.model, self.device)
+        """What :meth:`TrainingTask.train_epoch` runs the forward pass through: the model,
+        or under several processes its DistributedDataParallel wrapper (which averages the
+        gradients); ``model`` is what is validated and saved."""
         self.state = TrainState(history=[])
         self.resumed_from: int | None = None
         self.fresh_start_reason = ""
 
     # -- checkpoints -------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: the spec, the seed and the data."""
+        """What a checkpoint must match to be resumed: the spec, the seed and the data (not
+        the number of processes, which changes no result)."""
+        spec = self.task.identity_spec()
+        if "processes" in (spec.get("train") or {}):
+            spec = {**spec, "train": {k: v for k, v in spec["train"].items() if k != "processes"}}
         return {
-            "spec": self.task.identity_spec(),
+            "spec": spec,
             "seed": self.seed,
             "data_provenance": self.task.data_provenance(),
         }
 
     def log(self, message: str) -> None:
-        """A line for the job's log (stderr), beside the progress bar."""
-        print(f"smoe train: {message}", file=sys.stderr, flush=True)
+        """A line for the job's log (stderr), beside the progress bar (rank 0's only)."""
+        if self.world.main:
+            print(f"smoe train: {message}", file=sys.stderr, flush=True)
 
     def _data_info(self) -> dict[str, Any]:
         return self.task.data_info()
 
     def _save_last(self) -> None:
+        """``last.pt``, written by rank 0 while the others wait."""
+        if self.world.main:
+            self._write_last()
+        distributed.barrier()
+
+    def _write_last(self) -> None:
         s = self.state
         save_atomic(
             {
@@ -286,6 +320,12 @@ class TaskTrainer:
         )
 
     def _save_best(self) -> None:
+        """``best.pt``, written by rank 0 while the others wait."""
+        if self.world.main:
+            self._write_best()
+        distributed.barrier()
+
+    def _write_best(self) -> None:
         s = self.state
         save_atomic(
             {
@@ -371,7 +411,7 @@ class TaskTrainer:
             return self._finish_without_training(metric_name)
         epochs = self.settings["epochs"]
         bar = None
-        if self.progress:
+        if self.progress and self.world.main:
             from tqdm import tqdm
 
             bar = tqdm(
@@ -410,6 +450,8 @@ class TaskTrainer:
                 self._save_best()
             if s.epoch % self.task.checkpoint_every == 0:
                 self._save_last()
+                if s.epoch == _interrupt_epoch():
+                    raise KeyboardInterrupt(f"{INTERRUPT_ENV}={s.epoch}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({"loss": f"{row['train_loss']:.3g}", metric_name: f"{value:.4g}"})
@@ -479,12 +521,16 @@ class TaskTrainer:
             "val_metrics": s.best_metrics,
             **self.task.summary_info(),
         }
-        write_text_atomic(
-            self.out_dir / "train.json", json.dumps(summary, indent=2, default=_json_default)
-        )
+        if self.world.main:
+            write_text_atomic(
+                self.out_dir / "train.json", json.dumps(summary, indent=2, default=_json_default)
+            )
+        distributed.barrier()
         return summary
 
     def _write_history(self) -> None:
+        if not self.world.main:
+            return
         rows = self.state.history
         columns: list[str] = []
         for row in rows:
@@ -494,6 +540,16 @@ class TaskTrainer:
                 writer = csv.DictWriter(handle, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
+
+
+INTERRUPT_ENV = "SMOE_INTERRUPT_AFTER_EPOCH"
+"""Tests of resuming set it to k: training stops as if interrupted right after ``last.pt``
+of epoch k was saved (what a killed job leaves), on every process alike."""
+
+
+def _interrupt_epoch() -> int | None:
+    text = os.environ.get(INTERRUPT_ENV, "")
+    return int(text) if text.strip().isdigit() else None
 
 
 def _history_name(metric: str) -> str:
@@ -559,7 +615,18 @@ class HeatTask(TrainingTask):
     (plus the SMoE layers' auxiliary losses), validated with :func:`dataset_metrics`.
 
     Driven by :class:`Trainer`, which passes its routing tally to :meth:`validate`.
+
+    Under several processes (``torchrun``) each trains on its share of every minibatch
+    (:mod:`smoe.train.distributed`): the mean loss is weighted by the share and the SMoE
+    layers are told that weight as their loss scale, so the routing decisions (RC labels,
+    damping) and the averaged gradient are those of one process on the whole batch. Batch
+    norms normalise over the whole batch. Refused there: the auxiliary losses over the whole
+    batch (``importance``, ``load``, ``load_shazeer``, ``spatial``) and routing ``noise``
+    (drawn per sample from torch's generator).
     """
+
+    multi_process = True
+    BATCH_WIDE_AUX = ("importance", "load", "load_shazeer", "spatial")
 
     def __init__(self, spec: ModelSpec, train_store: Path, val_store: Path) -> None:
         super().__init__(spec)
@@ -590,6 +657,28 @@ class HeatTask(TrainingTask):
     def data_provenance(self) -> dict[str, Any]:
         return {"train": self.train_set.provenance, "val": self.val_set.provenance}
 
+    def check_processes(self, model: nn.Module, processes: int) -> None:
+        where = f"model {self.spec.name!r}"
+        advice = "train it on one process (train.processes: 1)"
+        for layer in self.smoe_layers:
+            batch_wide = [name for name in self.BATCH_WIDE_AUX if name in layer.aux]
+            if batch_wide:
+                raise InputError(
+                    f"{where}: option aux {batch_wide} is computed over the whole minibatch, "
+                    f"which {processes} processes do not share; {advice} or drop it"
+                )
+            if layer.routing.noise:
+                raise InputError(
+                    f"{where}: option noise draws routing noise sample by sample, which "
+                    f"{processes} processes would not draw as one does; {advice}"
+                )
+        distributed.check_batches(
+            len(self.train_set),
+            self.settings["batch_size"],
+            distributed.World(0, processes),
+            where,
+        )
+
     def data_info(self) -> dict[str, Any]:
         return {
             "normalizer": self.train_set.normalizer.to_dict(),
@@ -604,11 +693,13 @@ class HeatTask(TrainingTask):
 
     def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
         model, optimizer, scaler, device = (
-            trainer.model,
+            trainer.train_model,
             trainer.optimizer,
             trainer.scaler,
             trainer.device,
         )
+        world = trainer.world
+        batch_size, n = self.settings["batch_size"], len(self.train_set)
         model.train()
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, rc, mis
         first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # data, loss
@@ -619,15 +710,22 @@ class HeatTask(TrainingTask):
             shuffle=True,
             generator=trainer.generator,
             workers=self.spec.data["workers"],
+            part=(world.rank, world.size) if world.multi else None,
         )
         for step, (x, y) in enumerate(batches):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
+            if world.multi:  # this share's part of the global batch's mean loss
+                share = x.shape[0] / min(batch_size, n - step * batch_size)
+                weight = share * world.size
+                self._set_route_scale(trainer, weight)  # read by the forward pass
             with trainer.autocast():
                 pred = model(x)
             loss = F.mse_loss(pred.float(), y)
-            aux = auxiliary_loss(model)
+            aux = auxiliary_loss(trainer.model)
             total = loss if aux is None else loss + aux
+            if world.multi:
+                total = total * weight
             bad_data = ~(torch.isfinite(x).all() & torch.isfinite(y).all())
             bad_loss = ~torch.isfinite(total)
             marker = torch.stack([bad_data, bad_loss]) & (first_bad < 0)
@@ -639,7 +737,7 @@ class HeatTask(TrainingTask):
             scaler.step(optimizer)
             scaler.update()
             stats = [layer.stats for layer in self.smoe_layers]
-            totals += torch.stack(
+            row = torch.stack(
                 [
                     loss.detach().double(),
                     aux.detach().double() if aux is not None else totals.new_zeros(()),
@@ -649,8 +747,12 @@ class HeatTask(TrainingTask):
                     sum((s.get("misrouted_fraction", 0.0) for s in stats), totals.new_zeros(())),
                 ]
             )
+            totals += row * share if world.multi else row
             steps += 1
         self._raise_if_bad(first_bad, epoch)
+        if world.multi:
+            set_loss_scale(trainer.model, trainer.scaler)
+            totals = distributed.all_reduce_sum(totals)
         if steps == 0:
             raise InputError(f"store {str(self.train_set.store_path)!r} gave no training batch")
         means = (totals / steps).tolist()
@@ -660,6 +762,17 @@ class HeatTask(TrainingTask):
             "train_rc": means[2],
             "train_misrouted": means[3],
         }
+
+    def _set_route_scale(self, trainer: TaskTrainer, weight: float) -> None:
+        """Tell the SMoE layers the factor on this process's loss (times the scaler's), so
+        their routing signals stay those of the global batch's mean loss."""
+        if not self.smoe_layers:
+            return
+        scale: float | torch.Tensor = weight
+        if trainer.scaler.is_enabled():
+            scale = trainer.scaler.scale(torch.ones((), device=trainer.device)) * weight
+        for layer in self.smoe_layers:
+            layer.loss_scale = scale
 
     def _raise_if_bad(self, first_bad: torch.Tensor, epoch: int) -> None:
         data_step, loss_step = first_bad.tolist()
