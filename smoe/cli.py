@@ -273,7 +273,50 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="folder for best.pt, last.pt, history.csv, train.json",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_processes_option(p)
     p.set_defaults(run=_run_train)
+
+
+def add_processes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="train on N processes: the command starts itself under torchrun "
+        "(DistributedDataParallel on shares of each global minibatch; same results as 1)",
+    )
+
+
+def _relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
+    """With ``--processes N`` > 1 outside torchrun, run this very command line on N
+    processes (``torchrun --standalone``) and return its exit status; None to go on here.
+    Under torchrun, ``--processes`` must be the number torchrun started."""
+    from smoe.train.distributed import launched, smoe_command
+
+    processes = getattr(args, "processes", 1)
+    world = launched()
+    if "WORLD_SIZE" in os.environ:
+        if processes not in (1, world.size):
+            raise InputError(
+                f"--processes {processes}, but torchrun started {world.size} processes"
+            )
+        return None
+    if processes == 1:
+        return None
+    import shlex
+    import subprocess
+
+    rest = list(argv)
+    for index, word in enumerate(rest):  # drop --processes N / --processes=N
+        if word == "--processes":
+            del rest[index : index + 2]
+            break
+        if word.startswith("--processes="):
+            del rest[index]
+            break
+    command = shlex.split(smoe_command(processes)) + rest
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, env=environment).returncode
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -1002,6 +1045,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"smoe {args.command}: error:"
     try:
         check_paths(args)
+        status = _relaunch_under_torchrun(args, sys.argv[1:] if argv is None else argv)
+        if status is not None:
+            return status
         args.run(args)
     except InputError as exc:
         print(f"{prefix} {_one_line_message(exc)}", file=sys.stderr)

@@ -19,6 +19,12 @@ from smoe.errors import InputError
 GATED_TABLES = ("table.csv", "table.md", "table.html")
 
 
+def _processes(p: argparse.ArgumentParser) -> None:
+    from smoe.cli import add_processes_option
+
+    add_processes_option(p)
+
+
 def _spec_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="workflow config file (with --model)")
@@ -146,6 +152,7 @@ def _add_train(sub: argparse._SubParsersAction, seed_type) -> None:
     p.add_argument("--seed", type=seed_type, required=True, help="training seed")
     p.add_argument("--out", type=Path, required=True, help="folder for best.pt, history, ...")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _processes(p)
     p.set_defaults(run=_run_train)
 
 
@@ -158,6 +165,10 @@ def _run_train(args: argparse.Namespace) -> None:
     summary = train_gated(
         spec, args.train_store, args.val_store, args.seed, args.out, args.progress
     )
+    from smoe.train.distributed import is_main
+
+    if not is_main():  # under torchrun: rank 0 speaks for all
+        return
     print(
         f"{spec.name} seed {args.seed}: best epoch {summary['best_epoch']}, validation "
         f"accuracy {summary['val_metrics']['val_accuracy']:.2f} % -> {args.out}"
@@ -218,6 +229,7 @@ def _add_run(sub: argparse._SubParsersAction, seed_type) -> None:
         help="seed folders of the gated_single whose features measure similarity",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _processes(p)
     p.set_defaults(run=_run_run)
 
 
@@ -241,7 +253,9 @@ def _run_run(args: argparse.Namespace) -> None:
         args.features_dir,
         args.progress,
     )
-    for result in results:
+    from smoe.train.distributed import is_main
+
+    for result in results if is_main() else []:  # under torchrun: rank 0 speaks for all
         print(
             f"{spec.name} seed {result['seed']}: test accuracy "
             f"{result['metrics']['test_accuracy']:.2f} % (best epoch {result['best_epoch']})"

@@ -428,6 +428,8 @@ def check_config(
     _resolve_select_metrics(config)
     lines += check_models(config, schema)
     lines += check_clusters(config, schema)
+    if not lines:
+        lines += _process_errors(config)
     from smoe.gated_config import check_gated, gated_cuda_wanted
 
     lines += check_gated(config, schema)
@@ -680,6 +682,57 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             lines.append(
                 f"config key 'run': model {name!r} is not defined under 'models' "
                 f"(defined: {', '.join(models) or 'none'})"
+            )
+    return lines
+
+
+BATCH_WIDE_AUX = ("importance", "load", "load_shazeer", "spatial")
+"""SMoE auxiliary losses computed over the whole minibatch (``smoe.train.loop.HeatTask``
+refuses them on several processes; a test keeps the two equal)."""
+
+
+def _process_errors(config: dict[str, Any]) -> list[str]:
+    """What a heat model cannot train on ``train.processes`` > 1, found before any job:
+    Snakemake has deleted a job's old outputs by the time the job could refuse it."""
+    lines = []
+    for name, model in config["models"].items():
+        train = deep_merge(config["train"], model["train"])
+        processes = train.get("processes", 1)
+        if processes == 1:
+            continue
+        key = (
+            f"models.{name}.train.processes"
+            if "processes" in model["train"]
+            else ("train.processes")
+        )
+        where = f"config key '{key}': {processes} processes for model {name!r}"
+        if train["batch_size"] < processes:
+            lines.append(
+                f"{where}, but its batch_size {train['batch_size']} leaves a process without "
+                "samples; raise train.batch_size or use fewer processes"
+            )
+        if model["kind"] != "smoe":
+            continue
+        options = {**option_schema.defaults("smoe"), **model["options"]}
+        layers = [options, *(options.get("hidden_layers") or [])]
+        wide = sorted(
+            {
+                a
+                for layer in layers
+                for a, c in (layer.get("aux") or options["aux"] or {}).items()
+                if c and a in BATCH_WIDE_AUX
+            }
+        )
+        if wide:
+            lines.append(
+                f"{where}: its aux losses {', '.join(wide)} are computed over the whole "
+                "minibatch, which the processes do not share; train it on 1 process or drop "
+                f"models.{name}.options.aux {', '.join(wide)}"
+            )
+        if any(layer.get("noise", options["noise"]) for layer in layers):
+            lines.append(
+                f"{where}: models.{name}.options.noise draws routing noise sample by sample, "
+                "which several processes would not draw as one does; train it on 1 process"
             )
     return lines
 

@@ -173,8 +173,18 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
         lines += errors or _dependency_errors(config, name, base)
         own = model["train"]
         coerce_strings(own, train_schema)
+        merged = deep_merge(gated["train"], own)
+        processes, batch = merged.get("processes", 1), merged.get("batch_size", 1)
+        if isinstance(processes, int) and isinstance(batch, int) and batch < processes:
+            own_key = f"gated.models.{name}.train.processes"
+            key = own_key if "processes" in own else "gated.train.processes"
+            lines.append(
+                f"config key '{key}': "
+                f"{processes} processes for model {name!r}, but its batch_size {batch} leaves "
+                "a process without samples; raise the batch size or use fewer processes"
+            )
         lines += _schema_errors(
-            deep_merge(gated["train"], own),
+            merged,
             train_schema,
             (SECTION, "models", name, "train"),
             "config key",

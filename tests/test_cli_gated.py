@@ -178,3 +178,16 @@ def bad_cases() -> list[tuple[str, list[str], str]]:
 )
 def test_gated_commands_refuse_bad_input(work, verb, args, expect):
     assert_refused(work, verb, args, expect)
+
+
+def test_processes_starts_the_command_under_torchrun_with_one_processs_results(work):
+    spec = json.dumps({**SPEC, "options": {"experts": 3, "importance": 0.2}})
+    one = smoe(work, *run_args(spec, "one", "0"))
+    two = smoe(work, *run_args(spec, "two", "0", extra=("--processes", "2")))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("seed 0: test accuracy") == 1  # rank 0 speaks for both
+    a = json.loads((work / "metrics/one/seed0.json").read_text())["metrics"]
+    b = json.loads((work / "metrics/two/seed0.json").read_text())["metrics"]
+    assert a["test_accuracy"] == b["test_accuracy"]
+    for key in ("mutual_information", "usage_entropy", "sample_entropy"):
+        assert abs(a[key] - b[key]) < 1e-5, key

@@ -108,3 +108,33 @@ def test_a_bad_gated_section_names_its_key(gated, message):
     with pytest.raises(InputError) as error:
         validate_config(config_with(**gated))
     assert message in str(error.value)
+
+
+def test_processes_are_checked_before_any_job():
+    smoe = {"kind": "smoe", "options": {"noise": True, "aux": {"importance": 0.1}}}
+    raw = {
+        "models": {"s": smoe, "c": {"kind": "cnn", "train": {"processes": 64}}},
+        "train": {"processes": 2, "batch_size": 32},
+        "gated": {
+            "train": {"processes": 4, "batch_size": 2},
+            "models": {"m": {"kind": "gated_moe"}},
+        },
+    }
+    with pytest.raises(InputError) as error:
+        validate_config(raw)
+    message = str(error.value)
+    assert (
+        "config key 'train.processes': 2 processes for model 's': its aux losses importance"
+        in message
+    )
+    assert "models.s.options.noise draws routing noise sample by sample" in message
+    assert (
+        "config key 'models.c.train.processes': 64 processes for model 'c', but its batch_size 32"
+        in message
+    )
+    assert (
+        "config key 'gated.train.processes': 4 processes for model 'm', but its batch_size 2"
+        in message
+    )
+    fine = validate_config({"models": {"c": {"kind": "cnn"}}, "train": {"processes": 2}})
+    assert fine["train"]["processes"] == 2

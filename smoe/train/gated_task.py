@@ -114,6 +114,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "stop_at": None,
     "early_stop": None,
     "checkpoint_every": 1,
+    "processes": 1,
 }
 """Every train setting of the gated family with its default (the paper's where it has one)."""
 
@@ -139,7 +140,7 @@ OPTIONS["gated_distilled"] = DISTILLED_OPTIONS
 
 SIMILARITY_KEYS = {"beta_s", "beta_d", "features"}
 
-NOT_IDENTITY = ("progress", "checkpoint_every")
+NOT_IDENTITY = ("progress", "checkpoint_every", "processes")
 """Train settings that cannot change a result, so a ``last.pt`` is resumed across them."""
 
 EVAL_BATCH = 2048
@@ -350,7 +351,7 @@ def gated_label(kind: str, options: Mapping[str, Any], teacher_attentive: bool =
 
 def _check_settings(name: str, train: dict[str, Any]) -> None:
     where = f"model {name!r}: train"
-    for key in ("epochs", "batch_size", "checkpoint_every"):
+    for key in ("epochs", "batch_size", "checkpoint_every", "processes"):
         value = train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{where}.{key} must be a positive integer, got {value!r}")

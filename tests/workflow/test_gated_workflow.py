@@ -106,6 +106,12 @@ def test_a_second_run_of_the_table_target_has_nothing_to_do(repo, built):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def test_the_number_of_processes_retrains_nothing(repo, built):
+    result = run_snakemake(repo, built, "gated", "-n", "--config", "gated={train: {processes: 2}}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-2000:]
+
+
 def test_editing_the_teacher_retrains_its_students_only(repo, built, tmp_path):
     config = tiny_config(repo)
     config["gated"]["models"]["attentive_top2_similarity"]["options"]["temperature"] = 2.0

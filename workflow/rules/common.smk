@@ -261,9 +261,23 @@ def model_dir(wildcards):
     return f"{RESULTS}/models/{wildcards.model}/seed{wildcards.seed}"
 
 
+def spec_without_processes(spec):
+    """A spec's JSON without train.processes: the number of processes changes no result
+    (tests/train/test_multiprocess_training.py), so changing it retrains nothing; it reaches
+    the job as a resource (`--processes`)."""
+    data = spec.to_dict()
+    data["train"] = {k: v for k, v in data["train"].items() if k != "processes"}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
 def model_spec_json(wildcards):
     """The model's resolved spec: a change to it (and only to it) retrains the model."""
-    return model_spec(config, wildcards.model).to_json()
+    return spec_without_processes(model_spec(config, wildcards.model))
+
+
+def train_processes(wildcards):
+    """Processes of a training job (train.processes; torchrun when more than one)."""
+    return model_spec(config, wildcards.model).train["processes"]
 
 
 def train_threads(wildcards):
@@ -272,13 +286,15 @@ def train_threads(wildcards):
     One thread per job lets two small models train side by side on a 2-core machine, which
     beats one job using both cores for models this small.
     """
-    return model_spec(config, wildcards.model).train["threads"] or CFG.threads
+    train = model_spec(config, wildcards.model).train
+    return (train["threads"] or CFG.threads) * train["processes"]
 
 
 def train_gpus(wildcards):
-    """GPUs a training or evaluation job asks for: only when its config sends it to CUDA."""
+    """GPUs a training or evaluation job asks for: only when its config sends it to CUDA,
+    train.gpus for each of its processes."""
     train = model_spec(config, wildcards.model).train
-    return train["gpus"] if train["device"] == "cuda" else 0
+    return train["gpus"] * train["processes"] if train["device"] == "cuda" else 0
 
 
 def evaluate_device(wildcards):
@@ -651,18 +667,22 @@ def gated_metrics_dir(wildcards):
 
 def gated_spec_json(wildcards):
     """The model's spec: a change to it (and only to it) retrains the model."""
-    return gated_model_spec(config, wildcards.model).to_json()
+    return spec_without_processes(gated_model_spec(config, wildcards.model))
+
+
+def gated_train_processes(wildcards):
+    return gated_model_spec(config, wildcards.model).train["processes"]
 
 
 def gated_train_threads(wildcards):
-    return gated_model_spec(config, wildcards.model).train["threads"]
+    train = gated_model_spec(config, wildcards.model).train
+    return train["threads"] * train["processes"]
 
 
 def gated_train_gpus(wildcards):
-    """A GPU only when the model's config sends it to CUDA."""
-    return (
-        1 if gated_model_spec(config, wildcards.model).train["device"] == "cuda" else 0
-    )
+    """A GPU per process only when the model's config sends it to CUDA."""
+    train = gated_model_spec(config, wildcards.model).train
+    return train["processes"] if train["device"] == "cuda" else 0
 
 
 def _gated_train_images():

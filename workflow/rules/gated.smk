@@ -50,6 +50,7 @@ rule gated_train:
         gpu=gated_train_gpus,
         mem_mb=gated_train_mem_mb,
         runtime=gated_train_runtime,
+        processes=gated_train_processes,
     params:
         spec=gated_spec_json,
         models=gated_model_dir,
@@ -60,7 +61,7 @@ rule gated_train:
         "smoe gated-run --spec {params.spec:q} --train-store {input.train} "
         "--val-store {input.val} --test-store {input.test} --seeds {params.seeds} "
         "--models-dir {params.models} --metrics-dir {params.metrics} {params.builds_on} "
-        "--no-progress > {log} 2>&1"
+        "--processes {resources.processes} --no-progress > {log} 2>&1"
 
 
 rule gated_aggregate:

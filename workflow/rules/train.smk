@@ -18,12 +18,14 @@ rule train:
         gpu=train_gpus,
         mem_mb=train_mem_mb,
         runtime=train_runtime,
+        processes=train_processes,
     params:
         spec=model_spec_json,
         out=model_dir,
     shell:
         "smoe train --spec {params.spec:q} --train-store {input.train} "
-        "--val-store {input.val} --seed {wildcards.seed} --out {params.out} > {log} 2>&1"
+        "--val-store {input.val} --seed {wildcards.seed} --out {params.out} "
+        "--processes {resources.processes} > {log} 2>&1"
 
 
 rule evaluate:
