@@ -3,9 +3,11 @@
 One step is ``u'(p) = (1 - 4 a_p) u(p) + a_p (u_N + u_S + u_E + u_W)`` where ``a_p`` is the
 diffusivity of the region type of point ``p`` (the 5-point stencil of the point's own type).
 Runs are independent, so the update is vectorised over a batch of runs; it is done with
-slice additions on a zero- (or wrap-) padded buffer, never with a per-run convolution, and the
-batch is processed in blocks that stay in cache. Every operation is elementwise, so a run's
-result is bit-identical whatever batch or block it is computed in.
+slice additions on a zero- (or wrap-) padded buffer, never with a per-run convolution. A block
+of a few runs (:func:`block_runs_for`) goes through all its steps while its fields stay in a
+core's cache, so main memory sees only the float32 frames written once each. Every operation
+is elementwise, in the order of the update's definition, so a run's result is bit-identical
+whatever batch or block it is computed in.
 
 Random draws follow the reference generator exactly: one ``numpy.random.default_rng(seed)``
 per split, shared by its runs in order, and per run (1) the field ``uniform(0, 0.1, shape)``,
@@ -160,6 +162,9 @@ def _skip_doubles(bit_generator: np.random.PCG64, count: int) -> None:
     bit_generator.state = after
 
 
+_SIGNS = np.array([-1.0, 1.0])
+
+
 def _draw_sources(
     rng: np.random.Generator, cells_by_type: list[np.ndarray], negative: bool
 ) -> tuple[int, np.ndarray, np.ndarray]:
@@ -167,9 +172,15 @@ def _draw_sources(
     cells = np.full((types, MAX_SOURCES, 2), -1, dtype=np.int64)
     values = np.zeros((types, MAX_SOURCES), dtype=np.float64)
     n = int(rng.integers(1, MAX_SOURCES, endpoint=True))
+    # ``rng.choice(candidates, size=n)`` (uniform, with replacement) draws exactly
+    # ``rng.integers(0, len(candidates), size=n, dtype=np.int64)`` and takes those rows; the
+    # draw itself is a third of the cost of ``choice``'s argument checks. Same for the signs.
     for t, candidates in enumerate(cells_by_type):
-        cells[t, :n] = rng.choice(candidates, size=n)
-        values[t, :n] = rng.choice(np.array([-1.0, 1.0]), size=n) if negative else 1.0
+        cells[t, :n] = candidates[rng.integers(0, len(candidates), size=n, dtype=np.int64)]
+        if negative:
+            values[t, :n] = _SIGNS[rng.integers(0, 2, size=n, dtype=np.int64)]
+        else:
+            values[t, :n] = 1.0
     return n, cells, values
 
 
@@ -219,75 +230,141 @@ def initial_fields(mask: np.ndarray, params: HeatParams, plan: RunPlan) -> np.nd
     return fields
 
 
+BLOCK_BYTES = 768 * 2**10
+"""Working set of one block of runs (two padded float64 fields and the neighbour sums): it
+stays in a core's L2 cache (1 MiB or more on current x86) for all of a block's steps."""
+
+
+def block_runs_for(height: int, width: int) -> int:
+    """Runs per block so that a block's working set is about :data:`BLOCK_BYTES`."""
+    run_bytes = 8 * (2 * (height + 2) + height) * (width + 2)
+    return max(1, BLOCK_BYTES // run_bytes)
+
+
 def simulate(
     initial: np.ndarray,
     mask: np.ndarray,
     params: HeatParams,
     plan: RunPlan | None = None,
-    block_runs: int = 32,
+    block_runs: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run the diffusion from ``initial`` (runs, H, W) for ``params.steps`` steps.
 
     Returns all frames (runs, steps + 1, H, W) as float32; the arithmetic is float64.
     ``plan`` is needed only to re-inject heat at the sources (``params.heat_rate > 0``).
-    ``block_runs`` trades Python overhead against cache size; it never changes the result.
-    ``out`` is an optional float32 array of the result's shape to fill instead of a new one.
+    ``block_runs`` (default: as many as fit in cache, :func:`block_runs_for`) trades Python
+    overhead against cache size; it never changes the result. ``out`` is an optional
+    array of the result's shape to fill instead of a new one: float32, or float64 to get
+    the arithmetic's own values (tests compare those bit for bit).
     """
     if params.heat_rate and plan is None:
         raise ValueError("re-injecting heat (heat_rate > 0) needs the run plan's sources")
     runs, height, width = initial.shape
-    coefficient = diffusivity_map(mask, params.diffusivity)
-    centre = 1.0 - 4.0 * coefficient
     shape = (runs, params.steps + 1, height, width)
     if out is None:
         frames = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
+    elif out.shape != shape or out.dtype not in (np.float32, np.float64):
+        raise ValueError(
+            f"out must be float32 (or float64) of shape {shape}, got {out.dtype} {out.shape}"
+        )
     else:
         frames = out
-    frames[:, 0] = initial
+    block_runs = min(block_runs or block_runs_for(height, width), runs)
+    stencil = _PaddedStencil(mask, params, block_runs)
     for start in range(0, runs, block_runs):
         stop = min(start + block_runs, runs)
         block_plan = plan.select(start, stop) if plan is not None else None
-        _simulate_block(
-            initial[start:stop], coefficient, centre, params, block_plan, frames[start:stop]
-        )
+        _simulate_block(initial[start:stop], stencil, params, block_plan, frames[start:stop])
     return frames
+
+
+class _PaddedStencil:
+    """The update on fields stored with a one-cell halo, flattened per run.
+
+    A run's padded field (H + 2, W + 2) is one contiguous row of ``(H + 2) * (W + 2)``
+    values, so the four neighbours of the rows 1..H (halo columns included) are four
+    contiguous slices of it, offset by -(W + 2), +(W + 2), -1 and +1: every pass is one long
+    vectorised loop per run. The coefficients are 0 in the halo columns, so those come out
+    +0 and are reset to exactly 0 anyway (zero boundary) or refilled (wrap).
+
+    The arithmetic, in this order, is the update's definition in float64: ``((u_N + u_S) +
+    u_W) + u_E``, times ``a``, added to ``u * (1 - 4 a)``; nothing is fused or reordered,
+    so every value is bit-identical to any other evaluation in that order.
+    """
+
+    def __init__(self, mask: np.ndarray, params: HeatParams, block_runs: int) -> None:
+        height, width = mask.shape
+        self.height, self.width, self.row = height, width, width + 2
+        coefficient = diffusivity_map(mask, params.diffusivity)
+        self.coefficient = np.zeros((height, self.row))
+        self.coefficient[:, 1:-1] = coefficient
+        self.centre = np.zeros((height, self.row))
+        self.centre[:, 1:-1] = 1.0 - 4.0 * coefficient
+        self.coefficient = self.coefficient.reshape(-1)
+        self.centre = self.centre.reshape(-1)
+        padded = (height + 2) * self.row
+        self.fields = (np.zeros((block_runs, padded)), np.zeros((block_runs, padded)))
+        self.neighbours = np.empty((block_runs, height * self.row))
+
+    def views(self, field: np.ndarray) -> tuple[np.ndarray, ...]:
+        """North, south, west, east and centre slices of rows 1..H, the 3-D padded view,
+        its interior (H, W) and its two halo columns of rows 1..H."""
+        row, count = self.row, self.height * self.row
+        padded = field.reshape(len(field), self.height + 2, row)
+        return (
+            field[:, 0:count],
+            field[:, 2 * row : 2 * row + count],
+            field[:, row - 1 : row - 1 + count],
+            field[:, row + 1 : row + 1 + count],
+            field[:, row : row + count],
+            padded,
+            padded[:, 1:-1, 1:-1],
+            padded[:, 1:-1, 0],
+            padded[:, 1:-1, -1],
+        )
 
 
 def _simulate_block(
     initial: np.ndarray,
-    coefficient: np.ndarray,
-    centre: np.ndarray,
+    stencil: _PaddedStencil,
     params: HeatParams,
     plan: RunPlan | None,
     frames: np.ndarray,
 ) -> None:
-    runs, height, width = initial.shape
-    current = np.zeros((runs, height + 2, width + 2), dtype=np.float64)
-    following = np.zeros_like(current)
-    current[:, 1:-1, 1:-1] = initial
+    """All steps of a block of runs, its fields kept in cache; each frame written once."""
+    runs = len(initial)
+    fields = [field[:runs] for field in stencil.fields]
+    for field in fields:
+        field.fill(0.0)
+    views = [stencil.views(field) for field in fields]
+    neighbours = stencil.neighbours[:runs]
+    coefficient, centre = stencil.coefficient, stencil.centre
     wrap = params.boundary == "wrap"
+    views[0][6][...] = initial
     if wrap:
-        _fill_wrap_halo(current)
-    neighbours = np.empty((runs, height, width), dtype=np.float64)
+        _fill_wrap_halo(views[0][5])
+    frames[:, 0] = initial
+    add, multiply = np.add, np.multiply
     for step in range(1, params.steps + 1):
-        np.add(current[:, :-2, 1:-1], current[:, 2:, 1:-1], out=neighbours)
-        neighbours += current[:, 1:-1, :-2]
-        neighbours += current[:, 1:-1, 2:]
-        neighbours *= coefficient
-        interior = following[:, 1:-1, 1:-1]
-        np.multiply(current[:, 1:-1, 1:-1], centre, out=interior)
-        interior += neighbours
+        north, south, west, east, current = views[(step - 1) % 2][:5]
+        _, _, _, _, following, padded, interior, first, last = views[step % 2]
+        add(north, south, out=neighbours)
+        add(neighbours, west, out=neighbours)
+        add(neighbours, east, out=neighbours)
+        multiply(neighbours, coefficient, out=neighbours)
+        multiply(current, centre, out=following)
+        add(following, neighbours, out=following)
         if params.heat_rate and step % params.heat_rate == 0:
             _set_sources(interior, plan)
         if params.clip is not None:
             np.clip(interior, params.clip[0], params.clip[1], out=interior)
         if wrap:
-            _fill_wrap_halo(following)
+            _fill_wrap_halo(padded)
+        else:
+            first.fill(0.0)
+            last.fill(0.0)
         frames[:, step] = interior
-        current, following = following, current
 
 
 def _fill_wrap_halo(padded: np.ndarray) -> None:
