@@ -35,7 +35,8 @@ def entropy_bits(probabilities: Any, axis: int = -1) -> np.ndarray:
     """-sum p log2 p along ``axis`` with 0 log 0 = 0."""
     p = _as_numpy(probabilities).astype(np.float64)
     logs = np.log2(np.where(p > 0, p, 1.0))
-    return -(p * logs).sum(axis=axis)
+    # + 0.0: a certain distribution gives 0, not -0 (which tables print as "-0.00")
+    return -(p * logs).sum(axis=axis) + 0.0
 
 
 def _gate_probabilities(p: Any) -> np.ndarray:
@@ -72,11 +73,12 @@ def mutual_information(
     if total == 0:
         raise ValueError("mutual information of no samples")
     joint = counts / total
-    return float(
+    value = (
         entropy_bits(joint.sum(axis=1))
         + entropy_bits(joint.sum(axis=0))
         - entropy_bits(joint.ravel())
     )
+    return float(max(value, 0.0))  # >= 0 in exact arithmetic; rounding can dip below
 
 
 def sample_entropy(p: Any) -> float:

@@ -67,3 +67,14 @@ def test_routing_matrix_counts_and_checks():
         mutual_information([], [], 2, 2)
     with pytest.raises(ValueError, match="gate"):
         sample_entropy(np.zeros((0, 3)))
+
+
+def test_a_collapsed_gate_has_zero_entropies_not_minus_zero():
+    p = np.array([[1.0, 0.0, 0.0]] * 4)
+    for value in (
+        sample_entropy(p),
+        usage_entropy(p),
+        mutual_information([0, 0, 0, 0], [3, 3, 3, 3], 3, 10),
+    ):
+        assert value == 0.0 and math.copysign(1.0, value) == 1.0
+        assert f"{value:.2f}" == "0.00"
