@@ -70,18 +70,34 @@ def keep_freed_memory_mapped() -> bool:
 _buffers = threading.local()
 
 
-def _frame_buffer(runs: int, frames: int, height: int, width: int) -> np.ndarray:
-    """A per-thread output buffer, reused across tasks.
+def _frame_buffers(runs: int, frames: int, height: int, width: int) -> list[np.ndarray]:
+    """Two per-thread output buffers of ``runs`` runs each, reused across tasks.
 
-    Allocating a fresh ~50 MB array per task costs page faults comparable to the whole
-    stencil computation on small machines; a reused buffer is already mapped.
+    Allocating fresh multi-MB arrays per task costs page faults comparable to the whole
+    stencil computation on small machines; reused buffers are already mapped.
     """
     shape = (runs, frames, height, width)
-    buffer = getattr(_buffers, "frames", None)
-    if buffer is None or buffer.shape[0] < runs or buffer.shape[1:] != shape[1:]:
-        buffer = np.empty(shape, dtype=np.float32)
-        _buffers.frames = buffer
-    return buffer[:runs]
+    buffers = getattr(_buffers, "frames", None)
+    if buffers is None or buffers[0].shape[0] < runs or buffers[0].shape[1:] != shape[1:]:
+        buffers = [np.empty(shape, dtype=np.float32) for _ in range(2)]
+        _buffers.frames = buffers
+    return buffers
+
+
+def _field_writer(field_path: str):
+    """The stored field, opened for writing whole chunks.
+
+    Each chunk is written from an array of exactly its shape, so zarr encodes it without
+    first copying it into a fill-value buffer, and without scanning it for being all fill
+    value (NaN): a simulated chunk never is, its values are finite. Bytes are as zarr's
+    default write path makes them.
+    """
+    import zarr
+
+    field = zarr.open_array(field_path, mode="r+")
+    if hasattr(field, "with_config"):  # zarr >= 3.1
+        field = field.with_config({"write_empty_chunks": True})
+    return field
 
 
 def simulate_into_store(
@@ -89,15 +105,29 @@ def simulate_into_store(
 ) -> int:
     """One dask task: simulate the runs of ``plan`` and write them at ``start`` in the store.
 
-    Writing from the task itself (into whole stored chunks, so tasks never share a chunk)
-    keeps at most one block of frames per worker in memory.
+    The task's runs are whole stored chunks (tasks never share a chunk). They are done chunk
+    by chunk: while one chunk is computed into one buffer, a writer thread compresses and
+    writes the previous one from the other, so even one worker keeps the kernel, the
+    compressor and the file writes going at once, and at most two chunks of frames per
+    worker are in memory.
     """
-    import zarr
+    from concurrent.futures import ThreadPoolExecutor
 
-    frames = _frame_buffer(plan.runs, params.steps + 1, *mask.shape)
-    initial = initial_fields(mask, params, plan)
-    simulate(initial, mask, params, plan, out=frames)
-    zarr.open_array(field_path, mode="r+")[start : start + plan.runs] = frames
+    field = _field_writer(field_path)
+    per_chunk = min(int(field.chunks[0]), plan.runs)
+    buffers = _frame_buffers(per_chunk, params.steps + 1, *mask.shape)
+    pending = None
+    with ThreadPoolExecutor(1, thread_name_prefix="smoe-write") as writer:
+        for index, first in enumerate(range(0, plan.runs, per_chunk)):
+            last = min(first + per_chunk, plan.runs)
+            chunk_plan = plan.select(first, last)
+            frames = buffers[index % 2][: last - first]
+            simulate(initial_fields(mask, params, chunk_plan), mask, params, chunk_plan, out=frames)
+            if pending is not None:
+                pending.result()  # the other buffer's chunk is written: it may be refilled
+            region = slice(start + first, start + last)
+            pending = writer.submit(field.__setitem__, region, frames)
+        pending.result()
     return plan.runs
 
 
