@@ -24,7 +24,7 @@ from smoe.data.heat import (
     simulate_plan,
 )
 from smoe.data.mask import generate_mask
-from smoe.data.store import heat_dataset, simulate_split, store_attrs
+from smoe.data.store import compressors, heat_dataset, simulate_split, store_attrs
 
 
 def _reference_simulate(initial, mask, params, plan, dtype=np.float32):
@@ -215,16 +215,13 @@ def test_frames_equal_the_frozen_sums(name):
     assert hashlib.sha256(frames.tobytes()).hexdigest() == FROZEN[name]["frames"]
 
 
-def _reference_store(mask, params, seed, runs, per_chunk, out: Path) -> None:
+def _reference_store(mask, params, seed, runs, per_chunk, out: Path, compression="lz4") -> None:
     """The store written the plain way: xarray's metadata, then the whole field at once
     through zarr's default write path, frames from the reference kernel."""
     plan = plan_runs(mask, params, seed, runs)
     attrs = store_attrs(params, "train", seed, runs, "")
     ds = heat_dataset(mask, params, plan, per_chunk, attrs)
-    encoding = {"u": {"chunks": ds["u"].data.chunksize}}
-    from smoe.data.store import compressors
-
-    encoding["u"]["compressors"] = compressors("lz4")
+    encoding = {"u": {"chunks": ds["u"].data.chunksize, "compressors": compressors(compression)}}
     ds.to_zarr(out, mode="w-", zarr_format=3, consolidated=False, encoding=encoding, compute=False)
     initial = initial_fields(mask, params, plan)
     zarr.open_array(out / "u", mode="r+")[:] = _reference_simulate(initial, mask, params, plan)
@@ -251,3 +248,23 @@ def test_store_files_equal_the_reference_writer_and_the_frozen_sums(tmp_path, na
     field = {key: value for key, value in sums.items() if key.startswith("u/c/")}
     assert _sha(field) == FROZEN[name]["field_chunks"]
     assert _sha(sums) == FROZEN[name]["store"]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_other_compressions_give_the_reference_writers_files(tmp_path, compression):
+    params, runs, seed, mask, per_chunk = _config("wrap-clip-negative-rate")
+    ours = tmp_path / "ours.zarr"
+    simulate_split(
+        mask,
+        params,
+        seed,
+        runs,
+        ours,
+        runs_per_chunk=per_chunk,
+        workers=2,
+        compression=compression,
+        progress=False,
+    )
+    reference = tmp_path / "reference.zarr"
+    _reference_store(mask, params, seed, runs, per_chunk, reference, compression)
+    assert _file_sums(ours) == _file_sums(reference)
