@@ -333,12 +333,6 @@ def mask_args(wildcards):
     return f"--height {m.height} --width {m.width} --types {m.types} --seed {m.seed}"
 
 
-# Where the dask tasks run changes no value of a store (tests/data/test_distributed.py), so
-# the scheduler reaches `smoe simulate` through the shell command rather than its params:
-# pointing a finished workflow at a dask cluster does not rebuild the stores.
-SCHEDULER = shlex.quote(CFG.scheduler)
-
-
 def simulate_args(wildcards):
     """Options of `smoe simulate` for one split, straight from the config."""
     heat = CFG.heat

@@ -40,10 +40,13 @@ rule simulate:
     resources:
         mem_mb=simulate_mem_mb,
         runtime=simulate_runtime,
+        # where the dask tasks run changes no value: a resource, not a param, so that
+        # switching compute.scheduler rebuilds no store
+        scheduler=CFG.scheduler,
     params:
         args=simulate_args,
     shell:
-        "smoe simulate --mask {input.mask} {params.args} --scheduler {SCHEDULER} "
+        "smoe simulate --mask {input.mask} {params.args} --scheduler {resources.scheduler} "
         "--workers {threads} --out {output} > {log} 2>&1"
 
 
