@@ -448,25 +448,37 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         print(f"no routing map written to {args.routing_map}: {result['model']} has no SMoE layer")
 
 
+def add_table_command(
+    sub: argparse._SubParsersAction, name: str, help: str, description: str, writer: str
+) -> None:
+    """A command that aggregates metrics JSON files into tables in ``--out-dir``;
+    ``writer`` is "module:function" (imported when the command runs), called as
+    ``function(metrics, out_dir)`` and returning the paths it wrote."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
+    p.set_defaults(run=_run_table_command, writer=writer)
+
+
+def _run_table_command(args: argparse.Namespace) -> None:
+    import importlib
+
+    module, function = args.writer.split(":")
+    outputs = getattr(importlib.import_module(module), function)(args.metrics, args.out_dir)
+    print("wrote " + ", ".join(str(path) for path in outputs.values()))
+
+
 def _add_aggregate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_table_command(
+        sub,
         "aggregate",
         help="tables of every evaluation result (CSV, Markdown and HTML)",
         description="Aggregate metrics JSON files (smoe evaluate) into metrics_long.csv, "
         "summary.csv, summary.md and summary.html: mean +- std over seeds per model (the mean "
         "alone with one seed), overall and per region "
         "type, with published reference figures where they apply.",
+        writer="smoe.report.aggregate:aggregate",
     )
-    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
-    p.set_defaults(run=_run_aggregate)
-
-
-def _run_aggregate(args: argparse.Namespace) -> None:
-    from smoe.report.aggregate import aggregate
-
-    outputs = aggregate(args.metrics, args.out_dir)
-    print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
 def _add_cluster_data(sub: argparse._SubParsersAction) -> None:
@@ -706,26 +718,18 @@ def _run_cluster_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_cluster_table(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_table_command(
+        sub,
         "cluster-table",
         help="the synthetic-cluster table (CSV, Markdown and HTML)",
         description="Aggregate metrics JSON files of smoe cluster-evaluate into table.csv, "
         "table.md and table.html: test accuracy (and, for an MoE, dispatch entropy) per setting "
         "and model, mean +- std over seeds, beside the figures Chen et al. (2022) publish.",
+        writer="smoe.report.cluster_table:cluster_table",
     )
-    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
-    p.set_defaults(run=_run_cluster_table)
 
 
 CLUSTER_TABLES = ("table.csv", "table.md", "table.html")
-
-
-def _run_cluster_table(args: argparse.Namespace) -> None:
-    from smoe.report.cluster_table import cluster_table
-
-    outputs = cluster_table(args.metrics, args.out_dir)
-    print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
 FIGURES = (

@@ -266,24 +266,18 @@ def _run_run(args: argparse.Namespace) -> None:
 
 
 def _add_table(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from smoe.cli import add_table_command
+
+    add_table_command(
+        sub,
         "gated-table",
         help="the gated-family table (CSV, Markdown and HTML)",
         description="Aggregate metrics JSON files of smoe gated-evaluate into table.csv, "
         "table.md and table.html: test accuracy, I(E;Y), H_s and H_u per model, mean +- std "
         "over seeds, beside the MNIST figures Krishnamurthy et al. (2023) publish, and the "
         "paper's orderings checked on our numbers.",
+        writer="smoe.report.gated_table:write_gated_table",
     )
-    p.add_argument("metrics", type=Path, nargs="+", help="metrics JSON files")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder for the tables")
-    p.set_defaults(run=_run_table)
-
-
-def _run_table(args: argparse.Namespace) -> None:
-    from smoe.report.gated_table import write_gated_table
-
-    outputs = write_gated_table(args.metrics, args.out_dir)
-    print("wrote " + ", ".join(str(path) for path in outputs.values()))
 
 
 # -- registration ------------------------------------------------------------------------

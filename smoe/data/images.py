@@ -122,13 +122,13 @@ def digits_part(part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --- IDX (MNIST, Fashion-MNIST) --------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    """A file's bytes, gunzipped when its name ends in ``.gz``."""
+def _read_bytes(path: Path, size: int = -1) -> bytes:
+    """A file's bytes (its first ``size`` bytes; all with -1), gunzipped when its name ends
+    in ``.gz``; a file that cannot be read or unzipped is named in an InputError."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            return handle.read(size)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise InputError(
             f"file {str(path)!r} is not a readable gzip file ({type(exc).__name__}: "
@@ -340,28 +340,10 @@ def _gzip_size(path: Path) -> int:
         return int.from_bytes(handle.read(4), "little")
 
 
-def _head(path: Path, size: int) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read(size)
-        with open(path, "rb") as handle:
-            return handle.read(size)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise InputError(
-            f"file {str(path)!r} is not a readable gzip file ({type(exc).__name__}: "
-            f"{one_line(exc)}); download it again"
-        ) from exc
-    except OSError as exc:
-        raise InputError(
-            f"file {str(path)!r} cannot be read: {exc.strerror or one_line(exc)}"
-        ) from exc
-
-
 def _check_idx(path: Path, magic: int, ndim: int) -> tuple[int, ...]:
     """An IDX file's declared dimensions, checked against its magic number and its size
     (a gzip file's by its trailer), without reading its body."""
-    dims = _idx_dims(path, _head(path, 4 + 4 * ndim), magic, ndim)
+    dims = _idx_dims(path, _read_bytes(path, 4 + 4 * ndim), magic, ndim)
     if path.suffix == ".gz":
         _idx_size_error(path, dims, _gzip_size(path), modulo=True)
     else:

@@ -30,3 +30,20 @@ def run_snakemake(repo, workdir, *args, configfile=None, cores=2, env=None):
         cwd=workdir,
         env={**environment, **(env or {})},
     )
+
+
+def snapshot(folder):
+    """Every file's bytes and every entry's mtime under ``folder``: equal before and after
+    a refused run when the run changed nothing."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        content = path.read_bytes() if path.is_file() else None
+        state[str(path.relative_to(folder))] = (content, path.stat().st_mtime_ns)
+    return state
+
+
+def tiny_config(repo):
+    """config/test.yaml as a mapping, for a test to edit and write back."""
+    import yaml
+
+    return yaml.safe_load((repo / "config" / "test.yaml").read_text())

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import yaml
-from snakemake_runs import run_snakemake
+from snakemake_runs import run_snakemake, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,6 @@ TARGET = "results/test/data/mask.npy"  # the cheapest output: one mask job
 
 def snakemake(repo, workdir, *args, configfile=None, env=None):
     return run_snakemake(repo, workdir, *args, configfile=configfile, cores=1, env=env)
-
-
-def snapshot(folder):
-    """Every file's bytes and every entry's mtime under ``folder``."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        content = path.read_bytes() if path.is_file() else None
-        state[key] = (content, path.stat().st_mtime_ns)
-    return state
 
 
 @pytest.fixture(scope="module")

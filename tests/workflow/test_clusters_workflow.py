@@ -14,7 +14,7 @@ import struct
 
 import pytest
 import yaml
-from snakemake_runs import run_snakemake
+from snakemake_runs import run_snakemake, snapshot, tiny_config
 
 from smoe.data.cluster_store import open_cluster_split
 from smoe.report.figures import fits_viewer
@@ -24,20 +24,6 @@ pytestmark = pytest.mark.slow
 CLUSTERS = "results/test/clusters"
 MODELS = ("moe_nonlinear", "moe_linear", "single_nonlinear", "single_linear")
 FAMILY = "Synthetic clusters (Chen et al. 2022)"
-
-
-def snapshot(folder):
-    """Every file's bytes and every entry's mtime under ``folder``."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        content = path.read_bytes() if path.is_file() else None
-        state[str(path.relative_to(folder))] = (content, path.stat().st_mtime_ns)
-    return state
-
-
-def tiny_config(repo):
-    """config/test.yaml as a mapping."""
-    return yaml.safe_load((repo / "config" / "test.yaml").read_text())
 
 
 @pytest.fixture(scope="module")

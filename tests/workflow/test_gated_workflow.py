@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from snakemake_runs import run_snakemake
+from snakemake_runs import run_snakemake, snapshot, tiny_config
 
 from smoe.data.image_store import open_image_split
 from smoe.report.figures import fits_viewer
@@ -27,19 +27,6 @@ pytestmark = pytest.mark.slow
 
 GATED = "results/test/gated"
 FAMILY = "Gated modular MoE (Krishnamurthy et al. 2023)"
-
-
-def snapshot(folder):
-    """Every file's bytes and every entry's mtime under ``folder``."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        content = path.read_bytes() if path.is_file() else None
-        state[str(path.relative_to(folder))] = (content, path.stat().st_mtime_ns)
-    return state
-
-
-def tiny_config(repo):
-    return yaml.safe_load((repo / "config" / "test.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
