@@ -36,6 +36,9 @@ import yaml
 CLUSTER_UP = os.environ.get("SMOE_SLURM_CLUSTER") == "up" and shutil.which("sacct") is not None
 pytestmark = [
     pytest.mark.slurm,
+    # the first test builds every family of the tiny config twice (Slurm and local, side by
+    # side: about 10 min on 2 cores), longer than the suite's 600 s per test
+    pytest.mark.timeout(1800),
     # Snakemake marks a directory() output with a file zarr does not know
     pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp"),
     pytest.mark.slow,
