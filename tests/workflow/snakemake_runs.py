@@ -47,3 +47,35 @@ def tiny_config(repo):
     import yaml
 
     return yaml.safe_load((repo / "config" / "test.yaml").read_text())
+
+
+def script_variable(page: str, name: str):
+    """A JSON variable the report page embeds (results, categories, ...)."""
+    import json
+    import re
+
+    # The embedded libraries declare variables too; the report's own are JSON literals.
+    for match in re.finditer(rf"^\s*var {name} = ([\[{{\"].*);\s*$", page, re.M):
+        try:
+            return json.loads(match.group(1))
+        except ValueError:
+            continue
+    raise AssertionError(f"the report has no JSON variable {name}")
+
+
+def report_placements(page: str, folder: str) -> dict:
+    """Every result of a report page -> (category, subcategory), named by its path below
+    ``folder`` (a result elsewhere keeps its whole path, so an exact comparison shows it)."""
+    return {
+        entry.split(f"{folder}/", 1)[-1]: (category, subcategory)
+        for category, subcategories in script_variable(page, "categories").items()
+        for subcategory, entries in subcategories.items()
+        for entry in entries
+    }
+
+
+def planned_rules(output: str) -> set:
+    """The rules a `snakemake -n` plans, from its output."""
+    import re
+
+    return set(re.findall(r"^rule (\w+):", output, re.M))

@@ -14,7 +14,14 @@ import struct
 
 import pytest
 import yaml
-from snakemake_runs import run_snakemake, snapshot, tiny_config
+from snakemake_runs import (
+    planned_rules,
+    report_placements,
+    run_snakemake,
+    script_variable,
+    snapshot,
+    tiny_config,
+)
 
 from smoe.data.cluster_store import open_cluster_split
 from smoe.report.figures import fits_viewer
@@ -83,26 +90,13 @@ def test_the_report_registers_the_family_under_its_subcategory(repo, built, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     page = path.read_text()
 
-    def variable(name):
-        for match in re.finditer(rf"^\s*var {name} = ([\[{{\"].*);\s*$", page, re.M):
-            try:
-                return json.loads(match.group(1))
-            except ValueError:
-                continue
-        raise AssertionError(name)
-
-    placed = {
-        entry.split(f"{CLUSTERS}/", 1)[1]: (category, subcategory)
-        for category, subcategories in variable("categories").items()
-        for subcategory, entries in subcategories.items()
-        for entry in entries
-    }
+    placed = report_placements(page, CLUSTERS)
     assert placed == {
         "table.html": ("Results", FAMILY),
         "figures/dispatch.png": ("Training diagnostics", FAMILY),
         "figures/projection_s1.png": ("Data", FAMILY),
     }
-    for entry in variable("results").values():
+    for entry in script_variable(page, "results").values():
         caption = entry["caption"]
         assert (
             caption.strip() and "system-message" not in caption and "System Message" not in caption
@@ -110,10 +104,6 @@ def test_the_report_registers_the_family_under_its_subcategory(repo, built, tmp_
     for name in ("dispatch", "projection_s1"):
         data = (built / CLUSTERS / "figures" / f"{name}.png").read_bytes()
         assert fits_viewer(*struct.unpack(">II", data[16:24])), name
-
-
-def planned_rules(output: str) -> set[str]:
-    return set(re.findall(r"^rule (\w+):", output, re.M))
 
 
 def test_enabled_puts_the_family_into_rule_all_and_disabled_keeps_heat_alone(repo, tmp_path):

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from snakemake_runs import run_snakemake, snapshot, tiny_config
+from snakemake_runs import (
+    planned_rules,
+    report_placements,
+    run_snakemake,
+    script_variable,
+    snapshot,
+    tiny_config,
+)
 
 from smoe.data.image_store import open_image_split
 from smoe.report.figures import fits_viewer
@@ -116,35 +123,20 @@ def test_the_report_registers_the_family_under_its_subcategory(repo, built, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     page = path.read_text()
 
-    def variable(name):
-        for match in re.finditer(rf"^\s*var {name} = ([\[{{\"].*);\s*$", page, re.M):
-            try:
-                return json.loads(match.group(1))
-            except ValueError:
-                continue
-        raise AssertionError(name)
-
-    placed = {
-        entry.split(f"{GATED}/", 1)[1]: (category, subcategory)
-        for category, subcategories in variable("categories").items()
-        for subcategory, entries in subcategories.items()
-        for entry in entries
-    }
+    placed = report_placements(page, GATED)
     assert placed == {
         "table.html": ("Results", FAMILY),
         "figures/accuracy_usage.png": ("Results", FAMILY),
         "figures/routing.png": ("Training diagnostics", FAMILY),
     }
-    for entry in variable("results").values():
+    for entry in script_variable(page, "results").values():
         caption = entry["caption"]
-        assert caption.strip() and "system-message" not in caption
+        assert (
+            caption.strip() and "system-message" not in caption and "System Message" not in caption
+        )
     for name in ("routing", "accuracy_usage"):
         data = (built / GATED / "figures" / f"{name}.png").read_bytes()
         assert fits_viewer(*struct.unpack(">II", data[16:24])), name
-
-
-def planned_rules(output: str) -> set[str]:
-    return set(re.findall(r"^rule (\w+):", output, re.M))
 
 
 def test_enabled_puts_the_family_into_rule_all(repo, tmp_path):

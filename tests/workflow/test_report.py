@@ -14,7 +14,7 @@ import struct
 
 import pytest
 import yaml
-from snakemake_runs import run_snakemake
+from snakemake_runs import run_snakemake, script_variable
 
 from smoe.report.figures import fits_viewer
 
@@ -34,16 +34,6 @@ EXPECTED = {
     "report/provenance.html": ("Versions and configuration", "text/html"),
 }
 CATEGORY_ORDER = ["Data", "Results", "Training diagnostics", "Versions and configuration"]
-
-
-def script_variable(page: str, name: str):
-    # The embedded libraries declare variables too; the report's own are JSON literals.
-    for match in re.finditer(rf"^\s*var {name} = ([\[{{\"].*);\s*$", page, re.M):
-        try:
-            return json.loads(match.group(1))
-        except ValueError:
-            continue
-    raise AssertionError(f"the report has no JSON variable {name}")
 
 
 def decoded(uri: str) -> bytes:
