@@ -677,13 +677,22 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             types=types,
             steps=steps,
         )
-    for name in config["run"] or []:
-        if name not in models:
-            lines.append(
-                f"config key 'run': model {name!r} is not defined under 'models' "
-                f"(defined: {', '.join(models) or 'none'})"
-            )
+    lines += undefined_run_names(config["run"], models)
     return lines
+
+
+def undefined_run_names(
+    run: list[str] | None, models: dict[str, Any], section: str = ""
+) -> list[str]:
+    """A message for every name in a section's ``run`` that is not one of its ``models``
+    (``section``: "" for the heat family's top level, else e.g. "clusters")."""
+    prefix = f"{section}." if section else ""
+    return [
+        f"config key '{prefix}run': model {name!r} is not defined under '{prefix}models' "
+        f"(defined: {', '.join(models) or 'none'})"
+        for name in run or []
+        if name not in models
+    ]
 
 
 BATCH_WIDE_AUX = ("importance", "load", "load_shazeer", "spatial")
@@ -926,12 +935,7 @@ def check_clusters(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             "config key 'clusters.models': no models are defined, but clusters.enabled is "
             "true; define at least one, e.g. models: {moe: {kind: cluster_moe}}"
         )
-    for name in clusters["run"] or []:
-        if name not in clusters["models"]:
-            lines.append(
-                f"config key 'clusters.run': model {name!r} is not defined under "
-                f"'clusters.models' (defined: {', '.join(clusters['models']) or 'none'})"
-            )
+    lines += undefined_run_names(clusters["run"], clusters["models"], "clusters")
     problems: dict[str, list[str]] = {}
     for name in clusters["settings"]:
         try:

@@ -22,6 +22,7 @@ from smoe.config import (
     _split_key,
     coerce_strings,
     deep_merge,
+    undefined_run_names,
 )
 from smoe.data.images import check_source
 from smoe.errors import InputError
@@ -142,12 +143,7 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             "config key 'gated.models': no models are defined, but gated.enabled is true; "
             "define at least one, e.g. models: {expectation: {kind: gated_moe}}"
         )
-    for name in gated["run"] or []:
-        if name not in gated["models"]:
-            lines.append(
-                f"config key 'gated.run': model {name!r} is not defined under 'gated.models' "
-                f"(defined: {', '.join(gated['models']) or 'none'})"
-            )
+    lines += undefined_run_names(gated["run"], gated["models"], SECTION)
     data = gated["data"]
     if data["dataset"] == "digits" and data["folder"] is not None:
         lines.append(
