@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,27 +124,55 @@ def per_point_error(signal: torch.Tensor, scale: str | float) -> torch.Tensor:
     on the scale; the quantile comparison does not.
     """
     factor = signal[:, 0].numel() / 2.0 if scale == "mse" else float(scale)
-    return signal.abs().sum(dim=2) * factor  # [B, K, H, W]
+    magnitude = signal.abs()
+    # a sum over one filter is that filter's value: skip the pass
+    summed = magnitude[:, :, 0] if signal.shape[2] == 1 else magnitude.sum(dim=2)
+    return summed * factor  # [B, K, H, W]
 
 
 def sample_quantile(err: torch.Tensor, q: float) -> torch.Tensor:
     """The q-quantile of each sample's errors, shaped to broadcast against ``err``.
 
     Equals ``torch.quantile`` (linear interpolation between the two order statistics around
-    q * (n - 1)) but selects instead of sorting: one ``kthvalue`` for the lower one, then the
-    next larger value with a masked minimum. This runs every training step.
+    q * (n - 1)) but selects instead of sorting. This runs every training step, where a sort
+    (or ``torch.kthvalue``, a third of a CPU step) would dominate a small model: on the CPU
+    the two order statistics come from one ``numpy.partition`` and the minimum above it
+    (:func:`_order_statistics_numpy`, 10x faster); elsewhere one ``kthvalue`` for the lower
+    one, then the next larger value with a masked minimum. Both give the same values.
     """
-    flat = err.flatten(1)
+    flat = err.detach().flatten(1)
     position = q * (flat.shape[1] - 1)
     below = int(position)
     fraction = position - below
-    lower = torch.kthvalue(flat, below + 1, dim=1, keepdim=True).values
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        lower, upper = _order_statistics_numpy(flat, below, fraction > 0)
+    else:
+        lower = torch.kthvalue(flat, below + 1, dim=1, keepdim=True).values
+        upper = None
+        if fraction > 0:
+            at_most = (flat <= lower).sum(dim=1, keepdim=True)
+            larger = torch.where(flat > lower, flat, torch.inf).amin(dim=1, keepdim=True)
+            upper = torch.where(at_most >= below + 2, lower, larger)
     if fraction > 0:
-        at_most = (flat <= lower).sum(dim=1, keepdim=True)
-        larger = torch.where(flat > lower, flat, torch.inf).amin(dim=1, keepdim=True)
-        upper = torch.where(at_most >= below + 2, lower, larger)
         lower = lower + fraction * (upper - lower)
     return lower.view(-1, *([1] * (err.dim() - 1)))
+
+
+def _order_statistics_numpy(
+    flat: torch.Tensor, below: int, with_next: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row, the order statistics ``below`` and ``below + 1`` (0-based) as [B, 1] tensors.
+
+    One partition places each row's ``below``-th smallest value at ``below`` with every
+    larger-or-equal value after it, so the next order statistic is the minimum of the rest;
+    partitioning at both positions at once is ten times slower in numpy.
+    """
+    parted = np.partition(flat.numpy(), below, axis=1)
+    lower = torch.from_numpy(parted[:, below : below + 1].copy())
+    if not with_next:
+        return lower, None
+    upper = torch.from_numpy(parted[:, below + 1 :].min(axis=1, keepdims=True))
+    return lower, upper
 
 
 def batch_shared(scores: torch.Tensor) -> bool:
@@ -168,19 +197,49 @@ def rc_labels(correct: torch.Tensor, idx: torch.Tensor, experts: int) -> torch.T
     return labels.scatter_(1, idx, correct)
 
 
+def shared_mean_labels(
+    correct: torch.Tensor, idx: torch.Tensor, experts: int
+) -> torch.Tensor | None:
+    """``rc_labels(correct, idx, experts).mean(0, keepdim=True)`` without the labels, or None.
+
+    For one selection shared by the batch (a latent gate, k = 1) the batch mean of the labels
+    is the fraction of samples whose selection was correct for the selected expert and
+    (B - that count) / (E - 1) / B for the others. Every label is then 0, 1 or 1 / (E - 1),
+    and with E - 1 a power of two (E = 2, 3, 5, 9, ...) each sum is exact in float32, so this
+    equals the mean of the materialised labels bit for bit; it reads ``correct`` once instead
+    of building, scattering and reducing [B, E, H, W] labels every step. Otherwise (None) the
+    caller builds the labels.
+    """
+    batch, k = idx.shape[:2]
+    missing_share = experts - k
+    if k != 1 or missing_share < 1 or missing_share & (missing_share - 1) or batch >= 2**24:
+        return None
+    count = correct.sum(dim=0, keepdim=True, dtype=torch.float32)  # [1, 1, H, W], exact
+    selected = count / batch
+    others = (batch - count) * (1.0 / missing_share) / batch
+    chosen = idx[:1] == torch.arange(experts, device=idx.device).view(1, experts, 1, 1)
+    return torch.where(chosen, selected, others)
+
+
 def rc_gradient(
-    logits: torch.Tensor, labels: torch.Tensor, weight: float
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    weight: float,
+    mean_label: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient and value of weight * mean BCE-with-logits(logits, labels).
 
     BCE(x, l) = softplus(x) - l x. When the logits are shared by the batch (latent gate),
-    both are computed on one copy with the batch-mean label: the expanded gradient sums over
-    the batch to the same total, at a fraction of the cost.
+    both are computed on one copy with the batch-mean label (``mean_label`` when the caller
+    has it, see :func:`shared_mean_labels`): the expanded gradient sums over the batch to
+    the same total, at a fraction of the cost.
     """
     scale = weight / logits.numel()
     if batch_shared(logits):
         batch = logits.shape[0]
-        single, mean_label = logits[:1], labels.mean(dim=0, keepdim=True)
+        if mean_label is None:
+            mean_label = labels.mean(dim=0, keepdim=True)
+        single = logits[:1]
         grad = ((torch.sigmoid(single) - mean_label) * scale).expand(batch, -1, -1, -1)
         loss = (F.softplus(single) - mean_label * single).mean()
     else:
@@ -234,7 +293,6 @@ class RouteFunction(torch.autograd.Function):
         logits, vals, idx, selected = ctx.saved_tensors
         options: RoutingOptions = ctx.options
         loss_scale = ctx.loss_scale
-        gather_idx = idx.unsqueeze(2).expand(-1, -1, ctx.expert_shape[2], -1, -1)
         damp = options.damping and options.experts > options.k
         if damp or options.rc_loss:
             true_grad = grad_out if loss_scale is None else grad_out / loss_scale
@@ -244,25 +302,23 @@ class RouteFunction(torch.autograd.Function):
         expert_grad = grad_out
         if damp:
             misrouted = (err > threshold + DAMPING_TOLERANCE).unsqueeze(2)
-            if options.damping_factor == 0.0:
-                expert_grad = expert_grad.masked_fill(misrouted, 0.0)
-            else:
-                expert_grad = torch.where(
-                    misrouted, expert_grad * options.damping_factor, expert_grad
-                )
+            expert_grad = damp_misrouted(expert_grad, misrouted, options.damping_factor)
             ctx.stash["misrouted_fraction"] = misrouted.sum() / misrouted.numel()
         if options.weighted:
             expert_grad = expert_grad * vals.unsqueeze(2)
-        grad_experts = torch.zeros(ctx.expert_shape, dtype=grad_out.dtype, device=grad_out.device)
-        grad_experts.scatter_(1, gather_idx, expert_grad)
+        grad_experts = scatter_selected(expert_grad, idx, ctx.expert_shape)
 
         grad_scores = grad_logits = None
         if options.rc_loss:
             if options.weighted and options.rc_signal == "score":
                 err = per_point_error(true_grad * selected, options.error_scale)
                 threshold = sample_quantile(err, options.quantile)
-            labels = rc_labels(err <= threshold + RC_TOLERANCE, idx, options.experts)
-            grad_logits, loss = rc_gradient(logits, labels, options.rc_weight)
+            correct = err <= threshold + RC_TOLERANCE
+            mean_label = None
+            if batch_shared(logits) and idx.stride(0) == 0:
+                mean_label = shared_mean_labels(correct, idx, options.experts)
+            labels = None if mean_label is not None else rc_labels(correct, idx, options.experts)
+            grad_logits, loss = rc_gradient(logits, labels, options.rc_weight, mean_label)
             if loss_scale is not None:  # the scaler divides every gradient by S again
                 grad_logits = grad_logits * loss_scale
             ctx.stash["routing_classification"] = loss
@@ -271,6 +327,41 @@ class RouteFunction(torch.autograd.Function):
             grad_scores = torch.zeros_like(logits)
             grad_scores.scatter_(1, idx, per_selection.sum(dim=2))
         return grad_experts, grad_logits, grad_scores, None, None, None
+
+
+def damp_misrouted(grad: torch.Tensor, misrouted: torch.Tensor, factor: float) -> torch.Tensor:
+    """``grad`` times ``factor`` where ``misrouted``, unchanged elsewhere.
+
+    Written as products with 0/1 masks: the same values as ``masked_fill`` / ``where`` (a
+    damped zero may come out as -0.0, which compares and adds as 0.0), at a fraction of
+    their cost on the CPU, where both run unvectorised every step.
+    """
+    keep = (~misrouted).to(grad.dtype)  # float masks: a bool operand costs a cast pass
+    if factor == 0.0:
+        return grad * keep
+    return grad * (keep + misrouted.to(grad.dtype) * factor)  # exactly 1 or factor
+
+
+def scatter_selected(
+    expert_grad: torch.Tensor, idx: torch.Tensor, expert_shape: torch.Size
+) -> torch.Tensor:
+    """The gradient of every expert's output [B, E, F, H, W]: ``expert_grad`` [B, K, F, H, W]
+    where an expert was selected, zero elsewhere.
+
+    For one selection this is one product with the 0/1 choice mask, a single pass writing
+    the result instead of zero-filling it and scattering into it; the values are the same
+    (an unselected zero may be -0.0, which compares and adds as 0.0).
+    """
+    if idx.shape[1] == 1:
+        experts = expert_shape[1]
+        shared = idx[:1] if idx.shape[0] > 1 and idx.stride(0) == 0 else idx  # latent gate
+        chosen = shared.unsqueeze(2) == torch.arange(experts, device=idx.device).view(
+            1, experts, 1, 1, 1
+        )
+        return expert_grad * chosen.to(expert_grad.dtype)
+    grad = torch.zeros(expert_shape, dtype=expert_grad.dtype, device=expert_grad.device)
+    gather_idx = idx.unsqueeze(2).expand(-1, -1, expert_shape[2], -1, -1)
+    return grad.scatter_(1, gather_idx, expert_grad)
 
 
 @dataclass

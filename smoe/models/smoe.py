@@ -151,8 +151,9 @@ class SMoELayer(nn.Module):
         )
         self.last_selection = routing.idx.detach()
         self.aux_losses = self._aux_losses(routing) if self.aux and self.training else {}
-        if self.combine == "sum":
-            return routing.out.sum(dim=1)
+        if self.combine == "sum":  # one selection: a view, no pass over the output either way
+            out = routing.out
+            return out.squeeze(1) if out.shape[1] == 1 else out.sum(dim=1)
         return routing.out.flatten(1, 2)
 
     def _scale_tensor(self, x: torch.Tensor) -> torch.Tensor | None:
