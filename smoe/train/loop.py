@@ -702,7 +702,9 @@ class HeatTask(TrainingTask):
         batch_size, n = self.settings["batch_size"], len(self.train_set)
         model.train()
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, aux, rc, mis
-        first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # data, loss
+        # the first step whose loss was NaN/Inf (the data were checked when loaded: see
+        # HeatPairs, which refuses a non-finite value before a model sees it)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
         steps = 0
         batches = loader(
             self.train_set,
@@ -726,10 +728,7 @@ class HeatTask(TrainingTask):
             total = loss if aux is None else loss + aux
             if world.multi:
                 total = total * weight
-            bad_data = ~(torch.isfinite(x).all() & torch.isfinite(y).all())
-            bad_loss = ~torch.isfinite(total)
-            marker = torch.stack([bad_data, bad_loss]) & (first_bad < 0)
-            first_bad = torch.where(marker, step, first_bad)
+            first_bad = torch.where(~torch.isfinite(total) & (first_bad < 0), step, first_bad)
             if step % 64 == 0 or device.type == "cpu":
                 self._raise_if_bad(first_bad, epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -775,12 +774,7 @@ class HeatTask(TrainingTask):
             layer.loss_scale = scale
 
     def _raise_if_bad(self, first_bad: torch.Tensor, epoch: int) -> None:
-        data_step, loss_step = first_bad.tolist()
-        if data_step >= 0:
-            raise TrainingError(
-                f"model {self.spec.name!r}: non-finite value (NaN or Inf) in the training data "
-                f"at epoch {epoch}, step {data_step} (store {str(self.train_set.store_path)!r})"
-            )
+        loss_step = int(first_bad)
         if loss_step >= 0:
             raise TrainingError(
                 f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at epoch "
