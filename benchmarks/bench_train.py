@@ -36,7 +36,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "1d06263"
 """main before the training-step work of issue 13 (routing backward, per-step checks)."""
-DATA = "results/paper/data/heat"
 
 
 def run(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -47,24 +46,24 @@ def run(command: list[str], env: dict[str, str] | None = None, cwd: Path | None 
 
 
 def make_data(work: Path) -> Path:
-    """The paper's stores, made by the workflow's rules (once)."""
-    data = work / DATA
-    targets = [f"{DATA}/{split}.zarr" for split in ("train", "val", "test")]
-    if not all((work / target / "zarr.json").exists() for target in targets):
+    """The paper's stores, made once by the workflow's own rules (results under ``work``)."""
+    results = work / "results"
+    data = results / "data" / "heat"
+    targets = [str(data / f"{split}.zarr") for split in ("train", "val", "test")]
+    if not all((Path(target) / "zarr.json").exists() for target in targets):
         print("making the paper's stores (1000 + 20 + 20 runs) ...", flush=True)
         run(
             [
                 "snakemake",
+                *targets,
                 "--cores",
                 str(os.cpu_count() or 1),
-                "--snakefile",
-                str(ROOT / "Snakefile"),
-                "--directory",
-                str(work),
                 "--configfile",
                 str(ROOT / "config" / "paper.yaml"),
-                *targets,
-            ]
+                "--config",
+                f"results={results}",
+            ],
+            cwd=ROOT,
         )
     return data
 
@@ -90,7 +89,10 @@ def train_and_evaluate(
     name: str, tree: Path, config: Path, data: Path, out: Path, device: str
 ) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    where = run([sys.executable, "-c", "import smoe; print(smoe.__file__)"], env=env).strip()
+    # run in the tree: its folder comes first on sys.path, before the installed package
+    where = run(
+        [sys.executable, "-c", "import smoe; print(smoe.__file__)"], env=env, cwd=tree
+    ).strip()
     if not where.startswith(str(tree)):
         sys.exit(f"{name}: imported smoe from {where}, not from {tree}")
     smoe = [sys.executable, "-m", "smoe"]
@@ -114,7 +116,7 @@ def train_and_evaluate(
         str(out),
         "--no-progress",
     ]
-    run(train, env=env)
+    run(train, env=env, cwd=tree)
     evaluate = [
         *smoe,
         "evaluate",
@@ -127,7 +129,7 @@ def train_and_evaluate(
         "--device",
         device,
     ]
-    run(evaluate, env=env)
+    run(evaluate, env=env, cwd=tree)
     summary = json.loads((out / "train.json").read_text())
     test = json.loads((out / "test.json").read_text())
     metrics, routing = test["metrics"], test.get("routing") or {}

@@ -217,3 +217,54 @@ def test_evaluate_command_with_a_missing_checkpoint(stores, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "smoe evaluate: error:" in error and "does not exist" in error and str(missing) in error
     assert not out.exists()
+
+
+SPLIT_CASES = {
+    **{name: name for name in ("persistence", "stencil", "generator", "lcn", "condconv", "mlp")},
+    "cnn": ("cnn", {"hidden": [4]}),
+    "coordconv": ("coordconv", {"hidden": [4]}),
+    "convlcn": ("convlcn", {}),
+    **{
+        f"smoe-{gate}": ("smoe", {**PAPER_SMOE, "gate": gate})
+        for gate in ("latent", "fixed", "conv", "conv1", "coordconv", "lcn", "linear")
+    },
+    "smoe-hidden": ("smoe", {**PAPER_SMOE, "hidden_layers": [{"experts": 2, "filters": 2}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_models_said_to_split_exactly_give_the_same_outputs_in_chunks(case):
+    """Evaluation runs such models on chunks of 32 samples (faster on the CPU); their outputs
+    must be those of the whole batch bit for bit, on the paper's grid and evaluation batch."""
+    from smoe.train.evaluate import FORWARD_CHUNK, splits_exactly
+
+    kind, options = SPLIT_CASES[case] if isinstance(SPLIT_CASES[case], tuple) else (case, {})
+    mask = np.load("tests/fixtures/paper_mask.npy")
+    torch.manual_seed(0)
+    model = build_model(
+        kind, options, 1, 64, 64, mask=mask, name=case, region_diffusivity=PARAMS.diffusivity
+    ).eval()
+    if not splits_exactly(model):
+        assert kind in ("lcn", "condconv", "mlp", "convlcn") or options["gate"] in ("lcn", "linear")
+        return
+    x = torch.rand(256, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(x)
+        chunks = torch.cat([model(part) for part in x.split(FORWARD_CHUNK)])
+    assert torch.equal(whole, chunks)
+
+
+def test_chunked_evaluation_gives_the_metrics_and_routing_of_whole_batches(
+    trained, stores, monkeypatch
+):
+    from smoe.train import evaluate
+
+    folder, _ = trained["smoe"]
+    results = []
+    for chunk in (10**6, 3):  # one forward per batch; then chunks of 3 with a partial last one
+        monkeypatch.setattr(evaluate, "FORWARD_CHUNK", chunk)
+        results.append(evaluate_checkpoint(folder / "best.pt", stores["val"], device="cpu"))
+    whole, chunked = results
+    assert chunked["metrics"] == whole["metrics"]
+    assert chunked["routing"] == whole["routing"]
+    assert whole["routing"]["agreement"] > 0
