@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from smoe.errors import InputError
+from smoe.models import routing_cpu
 
 ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")
 RC_SIGNALS = ("score", "output")
@@ -210,11 +211,29 @@ def shared_mean_labels(
     of building, scattering and reducing [B, E, H, W] labels every step. Otherwise (None) the
     caller builds the labels.
     """
-    batch, k = idx.shape[:2]
-    missing_share = experts - k
-    if k != 1 or missing_share < 1 or missing_share & (missing_share - 1) or batch >= 2**24:
+    if not shared_labels_exact(idx, experts):
         return None
     count = correct.sum(dim=0, keepdim=True, dtype=torch.float32)  # [1, 1, H, W], exact
+    return mean_labels_from_count(count, idx, experts)
+
+
+def shared_labels_exact(idx: torch.Tensor, experts: int) -> bool:
+    """Whether :func:`shared_mean_labels` is exact for this selection (see there)."""
+    batch, k = idx.shape[:2]
+    missing_share = experts - k
+    return (
+        k == 1
+        and missing_share >= 1
+        and not missing_share & (missing_share - 1)
+        and (batch < 2**24)
+    )
+
+
+def mean_labels_from_count(count: torch.Tensor, idx: torch.Tensor, experts: int) -> torch.Tensor:
+    """The batch-mean RC labels [1, E, H, W] from the count of samples whose (shared, top-1)
+    selection was correct at each point [1, 1, H, W]."""
+    batch, k = idx.shape[:2]
+    missing_share = experts - k
     selected = count / batch
     others = (batch - count) * (1.0 / missing_share) / batch
     chosen = idx[:1] == torch.arange(experts, device=idx.device).view(1, experts, 1, 1)
@@ -294,6 +313,8 @@ class RouteFunction(torch.autograd.Function):
         options: RoutingOptions = ctx.options
         loss_scale = ctx.loss_scale
         damp = options.damping and options.experts > options.k
+        if fused_cpu_applies(grad_out, logits, idx, options, loss_scale):
+            return _fused_cpu_backward(ctx, grad_out, logits, idx, options, damp)
         if damp or options.rc_loss:
             true_grad = grad_out if loss_scale is None else grad_out / loss_scale
             err = per_point_error(true_grad, options.error_scale)
@@ -327,6 +348,56 @@ class RouteFunction(torch.autograd.Function):
             grad_scores = torch.zeros_like(logits)
             grad_scores.scatter_(1, idx, per_selection.sum(dim=2))
         return grad_experts, grad_logits, grad_scores, None, None, None
+
+
+def fused_cpu_applies(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    idx: torch.Tensor,
+    options: RoutingOptions,
+    loss_scale: torch.Tensor | None = None,
+) -> bool:
+    """Whether the backward can run as :mod:`smoe.models.routing_cpu`'s one compiled loop:
+    the paper's final layer on the CPU (latent gate shared by the batch, top-1, unweighted,
+    one filter per expert, RC loss with exact label means, no loss scale)."""
+    return (
+        routing_cpu.available()
+        and grad_out.device.type == "cpu"
+        and grad_out.dtype == torch.float32
+        and options.k == 1
+        and options.rc_loss
+        and not options.weighted
+        and loss_scale is None
+        and grad_out.shape[2] == 1
+        and batch_shared(logits)
+        and idx.stride(0) == 0
+        and shared_labels_exact(idx, options.experts)
+    )
+
+
+def _fused_cpu_backward(ctx, grad_out, logits, idx, options: RoutingOptions, damp: bool):
+    """:meth:`RouteFunction.backward` through :func:`routing_cpu.top1_shared_backward`: the
+    same gradients and logged values bit for bit."""
+    scale = options.error_scale
+    error_factor = grad_out[:, 0].numel() / 2.0 if scale == "mse" else float(scale)
+    grad_experts, count, misrouted = routing_cpu.top1_shared_backward(
+        grad_out,
+        idx,
+        options.experts,
+        error_factor,
+        options.quantile,
+        damp,
+        DAMPING_TOLERANCE,
+        options.damping_factor,
+        RC_TOLERANCE,
+    )
+    if damp:  # as misrouted.sum() / misrouted.numel() of the torch path
+        points = grad_out.shape[0] * grad_out.shape[3] * grad_out.shape[4]
+        ctx.stash["misrouted_fraction"] = torch.tensor(misrouted) / points
+    mean_label = mean_labels_from_count(count, idx, options.experts)
+    grad_logits, loss = rc_gradient(logits, None, options.rc_weight, mean_label)
+    ctx.stash["routing_classification"] = loss
+    return grad_experts, grad_logits, None, None, None, None
 
 
 def damp_misrouted(grad: torch.Tensor, misrouted: torch.Tensor, factor: float) -> torch.Tensor:

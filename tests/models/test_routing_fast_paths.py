@@ -7,6 +7,7 @@ not within a tolerance: a training run replays tens of thousands of steps, and a
 difference could move a routing threshold.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from smoe.models.routing import (
     RouteFunction,
     RoutingOptions,
     damp_misrouted,
+    fused_cpu_applies,
     sample_quantile,
     scatter_selected,
     shared_mean_labels,
@@ -157,3 +159,113 @@ def test_backward_matches_the_plain_formulas_bit_for_bit(experts, shared, factor
     assert torch.equal(expert_out.grad, grad_experts)
     expected = grad_logits.sum(dim=0, keepdim=True) if shared else grad_logits
     assert torch.equal(leaf.grad, expected)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(damping=True, damping_factor=0.0, quantile=0.3),  # the paper's
+        dict(damping=True, damping_factor=0.1, quantile=0.3),  # the quick config's
+        dict(damping=False, quantile=0.5),
+        dict(damping=True, quantile=0.0, error_scale=3.0),
+        dict(damping=True, quantile=1.0, experts=5),
+    ],
+    ids=["paper", "quick", "no-damping", "q0-scaled", "q1-five-experts"],
+)
+def test_compiled_cpu_backward_equals_the_torch_path(options, monkeypatch):
+    """The paper's layer (latent gate, top-1, RC loss) takes routing_cpu's compiled loop on
+    the CPU; with it switched off the torch path must give the same gradients and logged
+    values bit for bit, ties in the errors included."""
+    from smoe.models import routing_cpu
+
+    assert routing_cpu.available(), "numba is a dependency: the compiled path must run"
+    options = RoutingOptions(**{"experts": 3, "k": 1, "rc_loss": True, **options})
+    g = torch.Generator().manual_seed(4)
+    batch, experts = 16, options.experts
+    expert_out = torch.randn(batch, experts, 1, 32, 32, generator=g)
+    base = torch.randn(1, experts, 32, 32, generator=g)
+    grad_out = torch.randn(batch, 1, 1, 32, 32, generator=g) * 1e-3
+    grad_out[::3, :, :, :8] = grad_out[::3, :, :, 8:16]  # repeated errors: ties
+    idx = base.max(dim=1, keepdim=True).indices.expand(batch, -1, -1, -1)
+    assert fused_cpu_applies(grad_out, base.expand(batch, -1, -1, -1), idx, options)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(routing_cpu, "available", lambda compiled=compiled: compiled)
+        experts_leaf = expert_out.clone().requires_grad_()
+        leaf = base.clone().requires_grad_()
+        logits = leaf.expand(batch, -1, -1, -1)
+        stash = {}
+        out, _ = RouteFunction.apply(experts_leaf, logits, logits, options, stash)
+        out.backward(grad_out)
+        results.append((experts_leaf.grad, leaf.grad, stash))
+    (experts_a, gate_a, stash_a), (experts_b, gate_b, stash_b) = results
+    assert torch.equal(experts_a, experts_b)
+    assert torch.equal(gate_a, gate_b)
+    assert stash_a.keys() == stash_b.keys()
+    for key in stash_a:
+        assert torch.equal(stash_a[key], stash_b[key]), key
+
+
+def test_compiled_cpu_backward_is_only_taken_where_it_is_exact():
+    base = torch.randn(1, 3, 8, 8)
+    logits, idx = base.expand(4, -1, -1, -1), base.max(dim=1, keepdim=True).indices
+    grad = torch.randn(4, 1, 1, 8, 8)
+    paper = RoutingOptions(experts=3, k=1, rc_loss=True, damping=True)
+    assert fused_cpu_applies(grad, logits, idx.expand(4, -1, -1, -1), paper)
+    assert not fused_cpu_applies(grad, logits.contiguous(), idx, paper)  # per-sample gate
+    assert not fused_cpu_applies(grad.double(), logits, idx.expand(4, -1, -1, -1), paper)
+    four = RoutingOptions(experts=4, k=1, rc_loss=True)  # labels of 1/3 would round
+    assert not fused_cpu_applies(
+        grad, base.new_zeros(4, 4, 8, 8)[:1].expand(4, -1, -1, -1), idx.expand(4, -1, -1, -1), four
+    )
+    for other in (dict(rc_loss=False), dict(weighted=True)):
+        options = RoutingOptions(**{**paper.__dict__, **other})
+        assert not fused_cpu_applies(grad, logits, idx.expand(4, -1, -1, -1), options)
+    scale = torch.tensor(1024.0)
+    assert not fused_cpu_applies(grad, logits, idx.expand(4, -1, -1, -1), paper, scale)
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.3, 0.5, 0.77, 1.0])
+def test_compiled_path_thresholds_are_sample_quantile_bit_for_bit(quantile):
+    from smoe.models import routing_cpu
+
+    g = torch.Generator().manual_seed(5)
+    err = torch.rand(9, 1, 13, 11, generator=g)
+    err[::2] = (err[::2] * 5).round() / 7  # ties at the order statistics
+    expected = sample_quantile(err, quantile).flatten()
+    got = routing_cpu.sample_thresholds(err.flatten(1).numpy(), quantile)
+    assert torch.equal(torch.from_numpy(got), expected)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.25])
+def test_compiled_loop_decides_like_the_torch_masks_at_the_thresholds(factor):
+    """Errors exactly at a threshold: damping is strictly above it, a correct selection at
+    or below it, as the torch path's masks."""
+    from smoe.models import routing_cpu
+
+    g = torch.Generator().manual_seed(6)
+    batch, points, experts = 6, 40, 3
+    grad = torch.randn(batch, points, generator=g)
+    err = torch.rand(batch, points, generator=g)
+    damp_above = err[:, 3].clone()  # point 3 sits exactly on the damping threshold
+    rc_at_most = err[:, 5].clone()  # point 5 exactly on the RC threshold
+    chosen = torch.randint(0, experts, (points,), generator=g)
+    expert_grad = np.empty((batch, experts, points), dtype=np.float32)
+    count = np.zeros(points, dtype=np.float32)
+    misrouted = routing_cpu._route_points(
+        grad.numpy(),
+        err.numpy(),
+        chosen.numpy(),
+        True,
+        damp_above.numpy(),
+        np.float32(factor),
+        rc_at_most.numpy(),
+        expert_grad,
+        count,
+    )
+    mask = err > damp_above[:, None]
+    damped = damp_misrouted(grad, mask, factor)
+    onehot = (chosen[None, :] == torch.arange(experts)[:, None]).float()
+    assert torch.equal(torch.from_numpy(expert_grad), damped[:, None, :] * onehot[None])
+    assert misrouted == int(mask.sum())
+    assert torch.equal(torch.from_numpy(count), (err <= rc_at_most[:, None]).float().sum(0))

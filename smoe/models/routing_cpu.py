@@ -1,0 +1,130 @@
+"""The SMoE routing backward of the paper's layer in a few passes on the CPU.
+
+For a latent gate (one routing map shared by the batch), top-1, unweighted routing and one
+filter per expert, what the backward of :class:`smoe.models.routing.RouteFunction` does
+per point (the per-point error, each sample's error quantile, damping, the expert gradients
+and the count of correct selections behind the RC labels) takes about ten torch operations,
+a quarter of a training step on two cores. Here the error and the quantile are two numpy
+passes and one ``numpy.partition``, and the rest one loop compiled by numba. Every value is
+computed with the same float32 operations in the same order, so the results are bit for bit
+those of the torch path (tests/models/test_routing_fast_paths.py compares them); the loop
+runs on one thread, so they do not depend on the thread count either.
+
+Without numba (a platform it does not support) the torch path runs instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba ships wheels for every platform we test on
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _route_points(
+    grad: np.ndarray,
+    err: np.ndarray,
+    chosen: np.ndarray,
+    damp: bool,
+    damp_above: np.ndarray,
+    damping_factor: np.float32,
+    rc_at_most: np.ndarray,
+    expert_grad: np.ndarray,
+    correct_count: np.ndarray,
+) -> int:
+    """Fill ``expert_grad`` [B, E, P] and ``correct_count`` [P]; return the misrouted count.
+
+    ``grad`` [B, P] is dL/dout of the one selection (one filter), ``err`` [B, P] its
+    per-point error, ``chosen`` [P] the shared selected expert, ``damp_above`` and
+    ``rc_at_most`` [B] each sample's thresholds. Every value is computed with the float32
+    operations of the torch path (``damp_misrouted``, ``scatter_selected``, the ``correct``
+    mask summed over the batch).
+    """
+    batch, points = grad.shape
+    experts = expert_grad.shape[1]
+    misrouted_total = 0
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for b in range(batch):
+        for p in range(points):
+            value = grad[b, p]
+            if damp:
+                if err[b, p] > damp_above[b]:
+                    misrouted_total += 1
+                    value = np.float32(value * damping_factor)
+                else:
+                    value = np.float32(value * one)
+            selected = chosen[p]
+            for e in range(experts):
+                expert_grad[b, e, p] = value if e == selected else np.float32(value * zero)
+            if err[b, p] <= rc_at_most[b]:
+                correct_count[p] += one
+    return misrouted_total
+
+
+if numba is not None:
+    _route_points = numba.njit(cache=True, nogil=True)(_route_points)
+
+
+def sample_thresholds(err: np.ndarray, quantile: float) -> np.ndarray:
+    """Each row's q-quantile of ``err`` [B, P] (float32), as
+    :func:`smoe.models.routing.sample_quantile` computes it: the order statistic at
+    q (P - 1) from one ``numpy.partition`` (numba's is ten times slower), the next one as the
+    minimum above it, interpolated in float32."""
+    points = err.shape[1]
+    position = quantile * (points - 1)
+    below = int(position)
+    fraction = position - below
+    parted = np.partition(err, below, axis=1)
+    lower = parted[:, below]
+    if fraction > 0:
+        upper = parted[:, below + 1 :].min(axis=1)
+        lower = lower + np.float32(fraction) * (upper - lower)
+    return lower
+
+
+def top1_shared_backward(
+    grad_out: torch.Tensor,
+    idx: torch.Tensor,
+    experts: int,
+    error_factor: float,
+    quantile: float,
+    damp: bool,
+    damp_offset: float,
+    damping_factor: float,
+    rc_offset: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Expert gradients [B, E, 1, H, W], the count of correct selections [1, 1, H, W]
+    (float32) and the number of misrouted points, from ``grad_out`` [B, 1, 1, H, W] and the
+    shared selection ``idx`` [B, 1, H, W] (stride 0 over the batch)."""
+    batch, _, _, height, width = grad_out.shape
+    points = height * width
+    grad = grad_out.detach().reshape(batch, points).contiguous().numpy()
+    chosen = idx[0, 0].reshape(points).contiguous().numpy()
+    err = np.abs(grad) * np.float32(error_factor)  # per_point_error, one filter
+    threshold = sample_thresholds(err, quantile)
+    expert_grad = np.empty((batch, experts, points), dtype=np.float32)
+    correct_count = np.zeros(points, dtype=np.float32)
+    misrouted = _route_points(
+        grad,
+        err,
+        chosen,
+        damp,
+        threshold + np.float32(damp_offset),
+        np.float32(damping_factor),
+        threshold + np.float32(rc_offset),
+        expert_grad,
+        correct_count,
+    )
+    return (
+        torch.from_numpy(expert_grad).view(batch, experts, 1, height, width),
+        torch.from_numpy(correct_count).view(1, 1, height, width),
+        int(misrouted),
+    )
