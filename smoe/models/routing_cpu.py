@@ -49,23 +49,24 @@ def _route_points(
     """
     batch, points = grad.shape
     experts = expert_grad.shape[1]
-    misrouted_total = 0
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    row = np.empty(points, dtype=np.float32)
+    misrouted_total = 0
     for b in range(batch):
-        for p in range(points):
+        above, at_most = damp_above[b], rc_at_most[b]
+        for p in range(points):  # damping (value * 1 or * factor) and the correct count
             value = grad[b, p]
             if damp:
-                if err[b, p] > damp_above[b]:
-                    misrouted_total += 1
-                    value = np.float32(value * damping_factor)
-                else:
-                    value = np.float32(value * one)
-            selected = chosen[p]
-            for e in range(experts):
-                expert_grad[b, e, p] = value if e == selected else np.float32(value * zero)
-            if err[b, p] <= rc_at_most[b]:
-                correct_count[p] += one
+                misrouted = err[b, p] > above
+                misrouted_total += misrouted
+                value = np.float32(value * (damping_factor if misrouted else one))
+            row[p] = value
+            correct_count[p] += one if err[b, p] <= at_most else zero
+        for e in range(experts):  # contiguous rows: the compiler vectorises the select
+            for p in range(points):
+                value = row[p]
+                expert_grad[b, e, p] = value if chosen[p] == e else np.float32(value * zero)
     return misrouted_total
 
 
@@ -107,7 +108,7 @@ def top1_shared_backward(
     batch, _, _, height, width = grad_out.shape
     points = height * width
     grad = grad_out.detach().reshape(batch, points).contiguous().numpy()
-    chosen = idx[0, 0].reshape(points).contiguous().numpy()
+    chosen = idx[0, 0].reshape(points).to(torch.int64).contiguous().numpy()
     err = np.abs(grad) * np.float32(error_factor)  # per_point_error, one filter
     threshold = sample_thresholds(err, quantile)
     expert_grad = np.empty((batch, experts, points), dtype=np.float32)
