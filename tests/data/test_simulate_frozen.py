@@ -268,3 +268,30 @@ def test_other_compressions_give_the_reference_writers_files(tmp_path, compressi
     reference = tmp_path / "reference.zarr"
     _reference_store(mask, params, seed, runs, per_chunk, reference, compression)
     assert _file_sums(ours) == _file_sums(reference)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_compiled_loop_gives_the_numpy_kernels_bits(case, monkeypatch):
+    """Without re-injected heat or clipping the update runs as smoe.data.heat_loop's compiled
+    loop; switched off, the numpy kernel must give the same float64 bits."""
+    from smoe.data import heat_loop
+
+    assert heat_loop.available(), "numba is a dependency: the compiled loop must run"
+    rng = np.random.default_rng(2000 + case)
+    params, shape = _random_config(rng)
+    params = HeatParams(**{**params.__dict__, "heat_rate": 0, "clip": None}).validate()
+    mask = generate_mask(*shape, params.types, seed=case)
+    if len(np.unique(mask)) < params.types:
+        mask.flat[: params.types] = np.arange(params.types)
+    plan = plan_runs(mask, params, case, int(rng.integers(1, 6)))
+    initial = initial_fields(mask, params, plan)
+    calls = []
+    compiled = heat_loop.diffuse
+    monkeypatch.setattr(heat_loop, "diffuse", lambda *a: calls.append(1) or compiled(*a))
+    ours = np.empty((len(initial), params.steps + 1, *shape), dtype=np.float64)
+    simulate(initial, mask, params, plan, out=ours)
+    assert calls, "the compiled loop was not used"
+    monkeypatch.setattr(heat_loop, "available", lambda: False)
+    numpy_kernel = np.empty_like(ours)
+    simulate(initial, mask, params, plan, out=numpy_kernel)
+    np.testing.assert_array_equal(ours.view(np.uint64), numpy_kernel.view(np.uint64))
