@@ -5,7 +5,8 @@ measured together mean anything; medians over repeats are quoted):
 
 * reference: the original algorithm (Python loops over runs and steps, one scipy
   ``convolve2d`` per region type; :mod:`smoe.data.reference`), frames kept in memory;
-* ours, in memory: the vectorised kernel on dask threads, no disk;
+* ours, in memory: the kernel on dask threads, no disk: the compiled loop
+  (:mod:`smoe.data.heat_loop`) and the numpy kernel it replaced, both bit for bit the same;
 * ours, end to end: ``simulate_split``, the function behind ``smoe simulate``, writing a
   fresh zarr store (default lz4 compression), with its process CPU time (user, system);
 
@@ -33,6 +34,7 @@ import dask
 import numpy as np
 import zarr
 
+from smoe.data import heat_loop
 from smoe.data.choices import task_runs
 from smoe.data.heat import HeatParams, plan_runs, simulate_plan
 from smoe.data.mask import generate_mask
@@ -50,7 +52,17 @@ def time_reference(mask, runs, seed):
     return elapsed
 
 
-def time_in_memory(mask, runs, seed, workers):
+def time_in_memory(mask, runs, seed, workers, compiled=True):
+    """Seconds of the kernel on dask threads, no disk: the compiled loop (smoe's default
+    where numba runs) or, with ``compiled=False``, the numpy kernel it replaced."""
+    heat_loop.available = (lambda: heat_loop.numba is not None) if compiled else (lambda: False)
+    try:
+        return _time_in_memory(mask, runs, seed, workers)
+    finally:
+        heat_loop.available = lambda: heat_loop.numba is not None
+
+
+def _time_in_memory(mask, runs, seed, workers):
     start = time.perf_counter()
     plan = plan_runs(mask, PAPER, seed, runs)
     per_task = task_runs(runs, 5, workers)
@@ -161,13 +173,14 @@ def main() -> None:
         f"{args.runs} runs x {PAPER.steps} steps x 64x64 = {updates:.3g} cell updates, "
         f"{args.workers} workers, {args.repeats} repeats, scratch {folder}"
     )
-    reference, in_memory, end_to_end, sizes, cpu = [], [], [], [], []
+    reference, in_memory, numpy_kernel, end_to_end, sizes, cpu = [], [], [], [], [], []
     memory, encode, write = [], [], []
     try:
         frames, encoded = stored_chunks(mask, args.runs, 42, folder)
-        time_in_memory(mask, min(args.runs, 40), 42, args.workers)  # warm-up
+        time_in_memory(mask, min(args.runs, 40), 42, args.workers)  # warm-up (and compile)
         for repeat in range(args.repeats):
             reference.append(time_reference(mask, args.runs, 42))
+            numpy_kernel.append(time_in_memory(mask, args.runs, 42, args.workers, False))
             in_memory.append(time_in_memory(mask, args.runs, 42, args.workers))
             elapsed, size, used = time_end_to_end(mask, args.runs, 42, args.workers, folder)
             end_to_end.append(elapsed)
@@ -178,7 +191,8 @@ def main() -> None:
             write.append(write_seconds(folder, encoded))
             print(
                 f"  repeat {repeat + 1}: reference {reference[-1]:.2f} s, in memory "
-                f"{in_memory[-1]:.2f} s, end to end {end_to_end[-1]:.2f} s "
+                f"{in_memory[-1]:.2f} s (numpy kernel {numpy_kernel[-1]:.2f} s), end to end "
+                f"{end_to_end[-1]:.2f} s "
                 f"({end_to_end[-1] / in_memory[-1]:.1f}x in memory; CPU user {used[0]:.2f} s, "
                 f"system {used[1]:.2f} s), memory {memory[-1] / 1e9:.1f} GB/s, lz4 "
                 f"{encode[-1]:.2f} s, file writes {write[-1]:.2f} s"
@@ -188,6 +202,7 @@ def main() -> None:
 
     median = statistics.median
     ref, mem, e2e = (median(x) for x in (reference, in_memory, end_to_end))
+    numpy_mem = median(numpy_kernel)
     raw_bytes = updates / PAPER.steps * (PAPER.steps + 1) * 4
     stored_bytes = median(sizes)
     bandwidth = max(memory)  # the bound: the best the machine showed
@@ -196,6 +211,7 @@ def main() -> None:
     print(f"{'':28s} {'median s':>9s} {'cell updates/s':>15s} {'vs reference':>13s}")
     for name, seconds in (
         ("reference (convolve2d loop)", ref),
+        ("smoe, in memory, numpy", numpy_mem),
         ("smoe, in memory", mem),
         ("smoe simulate, zarr store", e2e),
     ):
@@ -204,7 +220,8 @@ def main() -> None:
     print(
         f"memory copy bandwidth      {bandwidth / 1e9:6.2f} GB/s (best of repeats) -> bound "
         f"{memory_bound:.3g} updates/s, {updates / memory_bound:.3f} s; in memory reaches "
-        f"{updates / mem / memory_bound:.0%} of it"
+        f"{updates / mem / memory_bound:.0%} of it (the numpy kernel "
+        f"{updates / numpy_mem / memory_bound:.0%}; compiled loop {numpy_mem / mem:.2f}x faster)"
     )
     ratios = [e / m for e, m in zip(end_to_end, in_memory, strict=True)]
     user, system = median(c[0] for c in cpu), median(c[1] for c in cpu)
