@@ -55,11 +55,12 @@ def time_reference(mask, runs, seed):
 def time_in_memory(mask, runs, seed, workers, compiled=True):
     """Seconds of the kernel on dask threads, no disk: the compiled loop (smoe's default
     where numba runs) or, with ``compiled=False``, the numpy kernel it replaced."""
-    heat_loop.available = (lambda: heat_loop.numba is not None) if compiled else (lambda: False)
+    default = heat_loop.available
+    heat_loop.available = default if compiled else (lambda: False)
     try:
         return _time_in_memory(mask, runs, seed, workers)
     finally:
-        heat_loop.available = lambda: heat_loop.numba is not None
+        heat_loop.available = default
 
 
 def _time_in_memory(mask, runs, seed, workers):

@@ -85,6 +85,19 @@ def baseline_tree(work: Path, revision: str) -> Path:
     return tree
 
 
+def fresh_training(config: Path, model: str, data: Path, out: Path) -> list[str]:
+    """``smoe train`` of ``model`` with seed 0 on the paper's stores into ``out``, from
+    scratch (an earlier run's checkpoints there are removed, so nothing is resumed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("last.pt", "best.pt"):
+        (out / stale).unlink(missing_ok=True)
+    return [
+        *[sys.executable, "-m", "smoe", "train", "--config", str(config), "--model", model],
+        *["--train-store", str(data / "train.zarr"), "--val-store", str(data / "val.zarr")],
+        *["--seed", "0", "--out", str(out), "--no-progress"],
+    ]
+
+
 def train_and_evaluate(
     name: str, tree: Path, config: Path, data: Path, out: Path, device: str
 ) -> dict:
@@ -96,27 +109,7 @@ def train_and_evaluate(
     if not where.startswith(str(tree)):
         sys.exit(f"{name}: imported smoe from {where}, not from {tree}")
     smoe = [sys.executable, "-m", "smoe"]
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("last.pt", "best.pt"):
-        (out / stale).unlink(missing_ok=True)
-    train = [
-        *smoe,
-        "train",
-        "--config",
-        str(config),
-        "--model",
-        "smoe",
-        "--train-store",
-        str(data / "train.zarr"),
-        "--val-store",
-        str(data / "val.zarr"),
-        "--seed",
-        "0",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    run(train, env=env, cwd=tree)
+    run(fresh_training(config, "smoe", data, out), env=env, cwd=tree)
     evaluate = [
         *smoe,
         "evaluate",

@@ -32,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train import make_data  # noqa: E402  (the paper's stores, made once)
+from bench_train import fresh_training, make_data  # noqa: E402
 
 SIDE, RUNS, STEPS = 512, 10_000, 100
 
@@ -101,34 +101,13 @@ def plan_training(work: Path, epochs: int, threads: int, cores_per_node: int) ->
     path.write_text(yaml.safe_dump(config))
     seeds = len(paper["seeds"])
     most_epochs = paper["train"]["epochs"]
-    smoe = [sys.executable, "-m", "smoe"]
     trainings, worst = 0, 0.0
     print(f"training, paper data, CPU, {threads} threads per job, {epochs} epoch(s) measured:")
     for name, model in paper["models"].items():
         if model["kind"] in ("persistence", "stencil", "generator"):
             continue  # nothing to learn: evaluated in seconds
         out = work / "plan-runs" / name
-        for stale in ("last.pt", "best.pt"):
-            (out / stale).unlink(missing_ok=True)
-        run(
-            [
-                *smoe,
-                "train",
-                "--config",
-                str(path),
-                "--model",
-                name,
-                "--train-store",
-                str(data / "train.zarr"),
-                "--val-store",
-                str(data / "val.zarr"),
-                "--seed",
-                "0",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
+        run(fresh_training(path, name, data, out))
         summary = json.loads((out / "train.json").read_text())
         per_epoch = summary["train_time_s"] / summary["epochs"]
         hours = per_epoch * most_epochs / 3600

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba ships wheels for every platform we test on
-    numba = None
+from smoe import compiled
 
 
 def available() -> bool:
-    return numba is not None
+    """Whether the compiled loop runs (tests and benchmarks switch it off to compare)."""
+    return compiled.available()
 
 
 def _diffuse_runs(
@@ -68,8 +66,7 @@ def _diffuse_runs(
             current, following = following, current
 
 
-if numba is not None:
-    _diffuse_runs = numba.njit(cache=True, nogil=True)(_diffuse_runs)
+_diffuse_runs = compiled.compiled(_diffuse_runs)
 
 
 def diffuse(

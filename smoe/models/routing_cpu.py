@@ -18,14 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba ships wheels for every platform we test on
-    numba = None
+from smoe import compiled
 
 
 def available() -> bool:
-    return numba is not None
+    """Whether the compiled loop runs (tests and benchmarks switch it off to compare)."""
+    return compiled.available()
 
 
 def _route_points(
@@ -70,8 +68,7 @@ def _route_points(
     return misrouted_total
 
 
-if numba is not None:
-    _route_points = numba.njit(cache=True, nogil=True)(_route_points)
+_route_points = compiled.compiled(_route_points)
 
 
 def sample_thresholds(err: np.ndarray, quantile: float) -> np.ndarray:
