@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -138,15 +137,19 @@ def sample_quantile(err: torch.Tensor, q: float) -> torch.Tensor:
     q * (n - 1)) but selects instead of sorting. This runs every training step, where a sort
     (or ``torch.kthvalue``, a third of a CPU step) would dominate a small model: on the CPU
     the two order statistics come from one ``numpy.partition`` and the minimum above it
-    (:func:`_order_statistics_numpy`, 10x faster); elsewhere one ``kthvalue`` for the lower
-    one, then the next larger value with a masked minimum. Both give the same values.
+    (:func:`smoe.models.routing_cpu.order_statistics`, 10x faster); elsewhere one
+    ``kthvalue`` for the lower one, then the next larger value with a masked minimum. Both
+    give the same values.
     """
     flat = err.detach().flatten(1)
     position = q * (flat.shape[1] - 1)
     below = int(position)
     fraction = position - below
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        lower, upper = _order_statistics_numpy(flat, below, fraction > 0)
+        lower, upper = (
+            None if statistic is None else torch.from_numpy(statistic)
+            for statistic in routing_cpu.order_statistics(flat.numpy(), below, fraction > 0)
+        )
     else:
         lower = torch.kthvalue(flat, below + 1, dim=1, keepdim=True).values
         upper = None
@@ -157,23 +160,6 @@ def sample_quantile(err: torch.Tensor, q: float) -> torch.Tensor:
     if fraction > 0:
         lower = lower + fraction * (upper - lower)
     return lower.view(-1, *([1] * (err.dim() - 1)))
-
-
-def _order_statistics_numpy(
-    flat: torch.Tensor, below: int, with_next: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per row, the order statistics ``below`` and ``below + 1`` (0-based) as [B, 1] tensors.
-
-    One partition places each row's ``below``-th smallest value at ``below`` with every
-    larger-or-equal value after it, so the next order statistic is the minimum of the rest;
-    partitioning at both positions at once is ten times slower in numpy.
-    """
-    parted = np.partition(flat.numpy(), below, axis=1)
-    lower = torch.from_numpy(parted[:, below : below + 1].copy())
-    if not with_next:
-        return lower, None
-    upper = torch.from_numpy(parted[:, below + 1 :].min(axis=1, keepdims=True))
-    return lower, upper
 
 
 def batch_shared(scores: torch.Tensor) -> bool:
