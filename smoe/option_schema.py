@@ -308,8 +308,9 @@ is 2, so neither is an option."""
 
 CLUSTER_MODEL_KINDS = tuple(CLUSTER_KIND_OPTIONS)
 
-CLUSTER_EPOCHS = {"cluster_moe": 500, "cluster_single": 800}
-"""Epochs of ``clusters.train.epochs: null`` by kind (the trainer's
+CLUSTER_EPOCHS = {"cluster_moe": 501, "cluster_single": 801}
+"""Epochs of ``clusters.train.epochs: null`` by kind, the official code's at most 501 and 801
+(the trainer's
 ``smoe.train.cluster_task.EPOCHS``; a test keeps the two equal): for job time limits."""
 
 

@@ -17,12 +17,15 @@ Inputs are ``x`` of shape [N, P, d] (P patches of dimension d), labels in {0, 1}
   gradient divided by the sum of that expert's parameter-gradient norms) and, in the same
   optimiser, the router by plain gradient descent; :func:`cluster_optimizer` builds the
   paper's optimiser for either model.
-* :func:`cluster_loss` is the official code's loss: cross-entropy of the softmax of the logits.
+* :func:`cluster_loss` is the official code's MoE loss: cross-entropy of the softmax of the
+  logits; :func:`single_loss` the official singles' plain cross-entropy of the logits;
+  :func:`loss_function` picks the one of a model.
 
 Randomness: the router noise is drawn from ``ClusterMoE.generator`` when one is set (a
-``torch.Generator`` on the inputs' device), otherwise from PyTorch's global generator, which
-the trainer seeds (:func:`smoe.train.checkpoint.seed_everything`) and saves with every
-checkpoint, so a resumed run draws the same noise as an uninterrupted one.
+``torch.Generator`` on the scores' device; the trainer gives it its own seeded stream,
+``trainer.stream("router_noise")``, independent of the generator that drew the initial
+weights and saved with every checkpoint, so a resumed run draws the same noise as an
+uninterrupted one), otherwise from PyTorch's global generator.
 """
 
 from __future__ import annotations
@@ -248,10 +251,20 @@ class ClusterMoE(nn.Module):
         return self.train_noise if self.training else self.test_noise
 
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """U[0, 1) noise of ``like``'s shape, dtype and device, drawn from ``generator``
+        (which must live on that device: a CUDA draw from a CPU generator is refused by
+        PyTorch, and a draw on one device then copied would tie the numbers to it), or from
+        PyTorch's global generator when none is set."""
         if self.generator is None:
             return torch.rand(like.shape, device=like.device, dtype=like.dtype)
-        noise = torch.rand(like.shape, generator=self.generator, device=self.generator.device)
-        return noise.to(device=like.device, dtype=like.dtype)
+        if self.generator.device.type != like.device.type:
+            raise ValueError(
+                f"the router noise generator lives on {self.generator.device}, the router "
+                f"scores on {like.device}: give the model a generator on the scores' device"
+            )
+        return torch.rand(
+            like.shape, generator=self.generator, device=like.device, dtype=like.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim)
@@ -312,7 +325,8 @@ class ClusterMoE(nn.Module):
 
 
 def cluster_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the softmax of the logits, as the official code computes it.
+    """Cross-entropy of the softmax of the logits, as the official code computes the MoE's
+    loss (its single CNNs are trained on :func:`single_loss`).
 
     ``F.cross_entropy`` applies a log-softmax itself, so this is a softmax applied twice: the
     loss is bounded below by log(1 + e^-1) = 0.3133 for two classes (a confident correct
@@ -322,6 +336,25 @@ def cluster_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     floor), and it changes the dynamics: the experts' gradients stay small.
     """
     return F.cross_entropy(torch.softmax(logits, dim=1), labels)
+
+
+def single_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits, as the official code trains (and we validate) a single
+    CNN: the 2-vector its filters sum to is used directly as the logits, with no extra
+    softmax, so unlike :func:`cluster_loss` this loss goes to 0 for confident, correct
+    predictions."""
+    return F.cross_entropy(logits, labels)
+
+
+def loss_function(model: nn.Module):
+    """The official code's training loss of a cluster model: :func:`cluster_loss` (softmax,
+    then cross-entropy) for the :class:`ClusterMoE`, :func:`single_loss` (plain cross-entropy)
+    for a single :class:`PatchCNN`."""
+    if isinstance(model, ClusterMoE):
+        return cluster_loss
+    if isinstance(model, PatchCNN):
+        return single_loss
+    raise TypeError(f"no cluster loss for {type(model).__name__}")
 
 
 class NormalizedGD(torch.optim.Optimizer):

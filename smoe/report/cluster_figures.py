@@ -1,8 +1,9 @@
 """Report figures of the synthetic-cluster family (Chen et al., NeurIPS 2022).
 
 * :func:`dispatch_figure`: for each MoE model and data setting, the expert x cluster
-  dispatch matrix of the training split (how many training samples of each cluster the
-  router sent to each expert), for the first seed of each;
+  dispatch matrix of the train store (how many training samples of each cluster the kept
+  checkpoint's router sends to each expert, routed as at evaluation), for the first seed of
+  each;
 * :func:`projection_figure`: a data split seen in two deterministic 2-D views, one
   coloured by cluster and one by label.
 
@@ -108,7 +109,10 @@ def dispatch_counts(result: Mapping[str, Any], name: str, split: str = "train") 
 
 
 def _entropy(result: Mapping[str, Any], counts: np.ndarray) -> float:
-    value = (result.get("metrics") or {}).get("dispatch_entropy")
+    """The entropy of the matrix drawn: the metrics' ``dispatch_entropy_eval`` (the kept
+    checkpoint routing the train store as at evaluation), not the published
+    ``dispatch_entropy`` of the last training pass, whose counts the metrics do not hold."""
+    value = (result.get("metrics") or {}).get("dispatch_entropy_eval")
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     from smoe.train.cluster_metrics import dispatch_entropy
@@ -225,8 +229,8 @@ def _dispatch_panel(ax, panel: DispatchPanel, cmap, scale: float):
 
 
 DISPATCH_TITLE = (
-    "Dispatch of the training split: training samples per expert (row) and cluster (column), "
-    "first seed of each model"
+    "Dispatch of the training split at evaluation (kept checkpoint): training samples per "
+    "expert (row) and cluster (column), first seed of each model"
 )
 
 
@@ -250,11 +254,14 @@ def dispatch_figure(results: list[dict], out: str | Path) -> tuple[Path, Path]:
     (row) and setting (column; the other way round when there are more models than
     settings), each for the model's first seed (said in the title).
 
-    A cell is the number of training samples of that cluster the router sent to that
-    expert; its colour is that count's share of the expert's samples, so an expert that
-    specialises in one cluster shows one dark cell in its row. Experts that received no
-    sample are grey rows marked "no samples". Titles give the setting, the model, the seed
-    and the run's dispatch entropy (its metrics' ``dispatch_entropy``). ``results`` are
+    A cell is the number of samples of the train store (its validation part included) of
+    that cluster that the kept checkpoint's router sends to that expert, routed as at
+    evaluation (without noise unless ``test_noise``); its colour is that count's share of the
+    expert's samples, so an expert that specialises in one cluster shows one dark cell in its
+    row. Experts that received no sample are grey rows marked "no samples". Titles give the
+    setting, the model, the seed and the entropy of the matrix drawn (its metrics'
+    ``dispatch_entropy_eval``; the published figure, ``dispatch_entropy``, is the last
+    training pass's, with router noise, and is in the table). ``results`` are
     cluster metrics dicts (:func:`smoe.report.cluster_table.load_cluster_results`); results
     without a dispatch matrix (single CNNs) are skipped, and none left raises an InputError.
     """

@@ -5,37 +5,67 @@ seeding, checkpoints, resuming, history, selection of the best epoch and summary
 trainer's, as for heat. :func:`train_cluster` trains one model with one seed,
 :func:`evaluate_cluster_checkpoint` scores its ``best.pt`` on a test store.
 
-Training follows the paper's official code: full batch, so one epoch is one optimiser step
-on every training sample (:func:`smoe.models.clusters.cluster_optimizer`: the MoE's experts
-by normalised gradient descent and its router by plain gradient descent, the singles by
-Adam), the loss :func:`smoe.models.clusters.cluster_loss` plus the model's auxiliary loss
-when it has one, and the official early stop on the training loss (``stop_loss``: it
-reached 0.314; ``stop_rise``: it rose 0.02 above its minimum). Unlike the official code,
-a validation part is carved from the train store (``data.val_fraction``, default 0.1) and
-the epoch with the best validation accuracy is kept (ties: the earlier epoch).
+Training follows the paper's official code (uclaml/MoE notebooks), each kind with its own
+recipe. Full batch, so one epoch is one optimiser step on every training sample
+(:func:`smoe.models.clusters.cluster_optimizer`):
+
+* the MoE: experts by normalised gradient descent (1e-3), the router by plain gradient
+  descent (0.1), the loss :func:`smoe.models.clusters.cluster_loss` (softmax, then
+  cross-entropy: it floors near 0.313) plus the model's auxiliary loss when it has one; at
+  most 501 epochs (0..500);
+* a single CNN: Adam (3e-3 linear, 1e-2 cubic; weight decay 5e-4), the plain cross-entropy
+  of its logits (:func:`smoe.models.clusters.single_loss`); at most 801 epochs (0..800).
+
+The official early stop on the training loss (:func:`official_stop`): each epoch the loss of
+the forward pass before the step is compared with the lowest loss of the epochs before; when
+it is not a new minimum (a tie counts as one, as the official ``loss <= min_loss`` has it), the
+epoch is at least ``stop_from`` and either the loss exceeds that minimum + ``stop_rise`` or is
+<= ``stop_loss``, training stops without taking that epoch's step. Defaults by kind
+(:data:`STOP_DEFAULTS`): the MoE from epoch 0, rise 0.02, floor 0.314; a single CNN from
+epoch 501 (the official ``epoch > 500``), rise 0.02, no floor. The thresholds are compared as
+the official code's float32 tensor comparisons do (rounded to float32). The stopping epoch's
+history row is still written (its forward pass ran: its loss, accuracy and dispatch entropy),
+and its validation repeats the epoch before's (the weights did not move).
+
+Unlike the official code, a validation part is carved from the train store
+(``data.val_fraction``, default 0.1: the model trains on the other 90 %) and the epoch with
+the best validation accuracy is kept (ties: the earlier epoch), where the official code tests
+the weights the last epoch run left.
 
 The carve depends only on the data: the train store's seed picks it (the stream after the
 generator's three, ``numpy SeedSequence(data seed).spawn(4)[3]``), so every model and every
 model seed of a data set trains and validates on the same samples; the carve is part of the
 data identity a ``last.pt`` must match to be resumed.
 
-Randomness: the initial weights come from torch's global generator, the MoE's training
-router noise from the trainer's generator (``trainer.generator``), both seeded by the run's
-seed and saved in every checkpoint, so a resumed run draws the same noise as an
-uninterrupted one. Validation and evaluation route without noise unless the model option
-``test_noise`` is set; then the noise comes from a generator seeded by the run's seed,
-fresh for every pass, so scores stay reproducible and training's stream is untouched.
+Randomness: the initial weights come from torch's global generator, seeded by the run's seed.
+The MoE's training router noise comes from its own stream, ``trainer.stream("router_noise")``
+(seeded by the run's seed and the stream's name, on the training device, saved in every
+``last.pt`` and continued on resume), so it never repeats the numbers that drew the initial
+weights (the official code draws both from one generator) and a resumed run draws the noise
+an uninterrupted one does. Validation and evaluation route without noise unless the model
+option ``test_noise`` is set; then the noise comes from a generator seeded by
+``stream_seed(seed, "evaluation_noise")``, fresh for every pass, so scores stay reproducible
+and training's stream is untouched.
 
-Train settings (``spec.train``; defaults where a key is absent, see :data:`TRAIN_DEFAULTS`):
-``epochs`` (MoE 500, singles 800), ``lr`` (null: the optimiser's default), ``router_lr``
-(null: 0.1; MoE only), ``weight_decay`` (null: Adam's 5e-4 for singles; the MoE has none),
-``stop_loss`` 0.314 and ``stop_rise`` 0.02 (null disables), ``select`` ``{metric:
-val_accuracy, mode: max}``, ``device`` ``cpu`` | ``cuda`` | ``auto``, ``precision`` (``fp32``
-only), ``threads`` 1, ``deterministic`` true, ``progress`` true, ``checkpoint_every`` 25
-(epochs between saves of ``last.pt``: a full-batch epoch takes milliseconds, pickling the
-history every epoch would cost more than training), and the trainer's generic ``stop_at``
-and ``early_stop`` (null: off). ``progress`` and ``checkpoint_every`` change no result, so
-a ``last.pt`` is resumed across them.
+Dispatch entropy as published: the official code computes it on every training forward pass
+(router noise on, the training data, before that epoch's update) and reports the last epoch
+run's. Each MoE history row has it (``train_dispatch_entropy``, on our training part: the 90 %
+of the train store left by the carve), ``best.pt`` keeps the last row (``last_row``), and
+evaluation reports that value as ``dispatch_entropy``; the kept checkpoint's entropy under
+evaluation routing on the whole train store is ``dispatch_entropy_eval`` beside it.
+
+Train settings (``spec.train``; defaults where a key is absent, see :data:`TRAIN_DEFAULTS`;
+null: the kind's official value): ``epochs`` (MoE 501, singles 801), ``lr`` (null: the
+optimiser's default), ``router_lr`` (null: 0.1; MoE only), ``weight_decay`` (null: Adam's
+5e-4 for singles; the MoE has none), ``stop_on_loss`` (true: the official early stop above;
+false: every epoch), ``stop_loss`` (null: MoE 0.314, singles none; a negative value never
+stops), ``stop_rise`` (null: 0.02), ``stop_from`` (null: MoE 0, singles 501), ``select``
+``{metric: val_accuracy, mode: max}``, ``device`` ``cpu`` | ``cuda`` | ``auto``,
+``precision`` (``fp32`` only), ``threads`` 1, ``deterministic`` true, ``progress`` true,
+``checkpoint_every`` 25 (epochs between saves of ``last.pt``: a full-batch epoch takes
+milliseconds, pickling the history every epoch would cost more than training), and the
+trainer's generic ``stop_at`` and ``early_stop`` (null: off). ``progress`` and
+``checkpoint_every`` change no result, so a ``last.pt`` is resumed across them.
 """
 
 from __future__ import annotations
@@ -43,7 +73,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +90,11 @@ from smoe.models.clusters import (
     ClusterMoE,
     PatchCNN,
     build_cluster_model,
-    cluster_loss,
     cluster_optimizer,
+    loss_function,
 )
 from smoe.models.registry import parameter_count
-from smoe.train.checkpoint import load_checkpoint
+from smoe.train.checkpoint import load_checkpoint, stream_seed
 from smoe.train.cluster_metrics import accuracy, dispatch_entropy, dispatch_matrix
 from smoe.train.device import resolve_device
 from smoe.train.evaluate import write_json
@@ -75,6 +105,7 @@ __all__ = [
     "TRAIN_DEFAULTS",
     "carve_validation",
     "evaluate_cluster_checkpoint",
+    "official_stop",
     "resolve_cluster_spec",
     "train_cluster",
     "write_json",
@@ -82,16 +113,27 @@ __all__ = [
 
 FAMILY = "clusters"
 
-EPOCHS = {"cluster_moe": 500, "cluster_single": 800}
-"""Default epochs by kind (the official code: at most 501 MoE and 801 single epochs)."""
+EPOCHS = {"cluster_moe": 501, "cluster_single": 801}
+"""Default epochs by kind: the official code's ``range(501)`` MoE and ``range(801)`` single
+epochs (indices 0..500 and 0..800)."""
+
+STOP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cluster_moe": {"stop_loss": 0.314, "stop_rise": 0.02, "stop_from": 0},
+    "cluster_single": {"stop_loss": None, "stop_rise": 0.02, "stop_from": 501},
+}
+"""The official early stop's settings by kind (what ``null`` means): the MoE's ``loss >
+min_loss + 0.02 or loss <= 0.314`` from epoch 0, the singles' ``epoch > 500 and loss >
+min_loss + 0.02`` (no floor)."""
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": None,  # EPOCHS by kind
     "lr": None,
     "router_lr": None,
     "weight_decay": None,
-    "stop_loss": 0.314,
-    "stop_rise": 0.02,
+    "stop_on_loss": True,
+    "stop_loss": None,  # STOP_DEFAULTS by kind
+    "stop_rise": None,
+    "stop_from": None,
     "select": {"metric": "val_accuracy", "mode": "max"},
     "device": "cpu",
     "precision": "fp32",
@@ -103,6 +145,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 25,
 }
 """Every train setting of the cluster family with its default."""
+
+EVALUATION_NOISE = "evaluation_noise"
+"""Name of the stream (:func:`smoe.train.checkpoint.stream_seed`) that seeds the router noise
+of a validation or evaluation pass with ``test_noise``, fresh for every pass."""
 
 DATA_DEFAULTS: dict[str, Any] = {"val_fraction": 0.1}
 """Every data setting of a cluster model's spec with its default."""
@@ -133,6 +179,16 @@ def _check_settings(name: str, kind: str, train: dict[str, Any]) -> None:
         if value is not None and key in ("lr", "router_lr", "weight_decay", "stop_rise"):
             if value < 0:
                 raise InputError(f"{where}.{key} must be >= 0, got {value!r}")
+    start = train["stop_from"]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise InputError(
+            f"{where}.stop_from must be an integer >= 0 (the first epoch that may stop) or null "
+            f"(the kind's official: {STOP_DEFAULTS[kind]['stop_from']}), got {start!r}"
+        )
+    if not isinstance(train["stop_on_loss"], bool):
+        raise InputError(
+            f"{where}.stop_on_loss must be true or false, got {train['stop_on_loss']!r}"
+        )
     if kind == "cluster_moe" and train["weight_decay"]:
         raise InputError(
             f"{where}.weight_decay must be null or 0 for {kind}: the experts' normalised "
@@ -206,6 +262,9 @@ def resolve_cluster_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
     train["select"] = {**TRAIN_DEFAULTS["select"], **select}
     if train["epochs"] is None:
         train["epochs"] = EPOCHS[kind]
+    for key, default in STOP_DEFAULTS[kind].items():
+        if train[key] is None:
+            train[key] = default
     _check_settings(name, kind, train)
     data = {**DATA_DEFAULTS, **sections["data"]}
     fraction = data["val_fraction"]
@@ -216,6 +275,54 @@ def resolve_cluster_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
         )
     build_cluster_model(kind, sections["options"], 2)  # options checked before any work
     return ModelSpec(name, kind, sections["options"], train, data, sections["evaluate"])
+
+
+# -- the official early stop -------------------------------------------------------------
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32: what a threshold becomes when the official code compares
+    a float32 loss tensor with it (``loss > min_loss + 0.02``, ``loss <= 0.314``)."""
+    return float(np.float32(value))
+
+
+def official_stop(
+    losses: Sequence[float],
+    stop_loss: float | None,
+    stop_rise: float | None,
+    stop_from: int = 0,
+) -> str:
+    """Whether the official code stops at the epoch of ``losses[-1]`` ("" = go on), before
+    taking its step: ``losses`` are the training losses of epochs 0, 1, ..., this one, each
+    of the forward pass before that epoch's update.
+
+    A new minimum (``loss <= min(losses[:-1])``; the first epoch always is one) never stops;
+    otherwise, from epoch ``stop_from`` on, a loss above that minimum + ``stop_rise`` or one
+    <= ``stop_loss`` stops (either None: that test is off). The official MoE: ``stop_loss``
+    0.314, ``stop_rise`` 0.02, ``stop_from`` 0; the official singles: no floor, 0.02, 501 (its
+    ``epoch > 500``). The thresholds are rounded to float32, as the official code's tensor
+    comparisons round them.
+    """
+    if not losses:
+        raise ValueError("official_stop needs at least this epoch's loss")
+    *previous, loss = (float(value) for value in losses)
+    epoch = len(previous)
+    if not previous:
+        return ""
+    lowest = min(previous)
+    if loss <= lowest or epoch < stop_from:
+        return ""
+    if stop_rise is not None and loss > _float32(lowest + stop_rise):
+        return (
+            f"train loss {loss:.4f} at epoch {epoch} rose more than stop_rise {stop_rise} "
+            f"above its minimum {lowest:.4f}; stopped before that epoch's step"
+        )
+    if stop_loss is not None and loss <= _float32(stop_loss):
+        return (
+            f"train loss {loss:.4f} at epoch {epoch}, not a new minimum ({lowest:.4f}), "
+            f"reached stop_loss {stop_loss}; stopped before that epoch's step"
+        )
+    return ""
 
 
 # -- data --------------------------------------------------------------------------------
@@ -253,6 +360,10 @@ class ClusterTask(TrainingTask):
         super().__init__(resolve_cluster_spec(spec))
         self.train_store = Path(train_store)
         self.checkpoint_every = self.settings["checkpoint_every"]
+        self.stopping = ""
+        """Why the official early stop ended training at the last epoch run ("" = it did
+        not): set by :meth:`train_epoch`, which then takes no step, read by
+        :meth:`stop_reason`."""
 
     # -- data and model ------------------------------------------------------------------
     def load(self, device: torch.device) -> None:
@@ -281,7 +392,10 @@ class ClusterTask(TrainingTask):
 
     def build_model(self) -> nn.Module:
         setting = self.data.setting
-        return build_cluster_model(self.spec.kind, self.spec.options, setting.dim)
+        model = build_cluster_model(self.spec.kind, self.spec.options, setting.dim)
+        self.loss = loss_function(model)
+        """The kind's loss: the MoE's softmax cross-entropy, a single's plain one."""
+        return model
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         settings = self.settings
@@ -326,16 +440,19 @@ class ClusterTask(TrainingTask):
 
     # -- one epoch -----------------------------------------------------------------------
     def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
-        """One full-batch step; the row's loss and accuracy are those of this step's forward
-        pass (before the update), as the official code's early stop reads them."""
+        """One full-batch step; the row's loss, accuracy and (MoE) dispatch entropy are those
+        of this epoch's forward pass, before the update, as the official code reads them.
+        When the official early stop fires on this loss (:func:`official_stop`), the step is
+        not taken and :meth:`stop_reason` ends training after this row."""
         model, optimizer, scaler = trainer.model, trainer.optimizer, trainer.scaler
         model.train()
-        if isinstance(model, ClusterMoE):
-            model.generator = trainer.generator  # the training noise: seeded, checkpointed
+        moe = isinstance(model, ClusterMoE)
+        if moe:  # the training noise: its own seeded stream, on the training device
+            model.generator = trainer.stream("router_noise")
         with trainer.autocast():
             logits = model(self.x)
-        loss = cluster_loss(logits.float(), self.y)
-        aux = model.aux_loss() if isinstance(model, ClusterMoE) else None
+        loss = self.loss(logits.float(), self.y)
+        aux = model.aux_loss() if moe else None
         total = loss if aux is None else loss + aux
         value = float(total.detach())
         if not math.isfinite(value):
@@ -343,31 +460,44 @@ class ClusterTask(TrainingTask):
                 f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at epoch "
                 f"{epoch}; lower train.lr or check the data"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
         row = {
             "train_loss": float(loss.detach()),
             "train_accuracy": accuracy(logits.detach(), self.y),
         }
         if aux is not None:
             row["train_aux"] = float(aux.detach())
-        if isinstance(model, ClusterMoE):
+            row["train_total"] = value  # what the official early stop reads
+        if moe:
             counts = dispatch_matrix(
                 model.last_dispatch, self.clusters, model.num_experts, self.data.setting.clusters
             )
             row["train_dispatch_entropy"] = dispatch_entropy(counts)
+        self.stopping = self._official_stop(trainer.state.history, value)
+        if not self.stopping:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return row
 
+    def _official_stop(self, history: list[dict[str, Any]], loss: float) -> str:
+        settings = self.settings
+        if not settings["stop_on_loss"]:
+            return ""
+        losses = [row.get("train_total", row["train_loss"]) for row in history]
+        return official_stop(
+            [*losses, loss], settings["stop_loss"], settings["stop_rise"], settings["stop_from"]
+        )
+
     def validate(self, trainer: TaskTrainer) -> dict[str, float]:
-        """Accuracy (percent) and loss on the validation part; for the MoE also the dispatch
-        entropy of its (noise-free unless ``test_noise``) routing there."""
+        """Accuracy (percent) and loss (the kind's training loss) on the validation part;
+        for the MoE also the dispatch entropy of its (noise-free unless ``test_noise``)
+        routing there."""
         model = trainer.model
         logits, dispatch = routed_logits(model, self.val_x, trainer.seed)
         metrics = {
             "val_accuracy": accuracy(logits, self.val_y),
-            "val_loss": float(cluster_loss(logits, self.val_y)),
+            "val_loss": float(self.loss(logits, self.val_y)),
         }
         if dispatch is not None:
             counts = dispatch_matrix(
@@ -377,16 +507,9 @@ class ClusterTask(TrainingTask):
         return metrics
 
     def stop_reason(self, history: list[dict[str, Any]]) -> str:
-        """The official early stop on the training loss: ``stop_loss`` reached, or a rise of
-        more than ``stop_rise`` above the lowest loss so far."""
-        loss = history[-1]["train_loss"]
-        stop_loss, stop_rise = self.settings["stop_loss"], self.settings["stop_rise"]
-        if stop_loss is not None and loss <= stop_loss:
-            return f"train loss {loss:.4f} reached stop_loss {stop_loss}"
-        lowest = min(row["train_loss"] for row in history)
-        if stop_rise is not None and loss > lowest + stop_rise:
-            return f"train loss {loss:.4f} rose more than stop_rise {stop_rise} above {lowest:.4f}"
-        return ""
+        """The official early stop on the training loss, decided in :meth:`train_epoch` (where
+        the stopping epoch's step was not taken)."""
+        return self.stopping
 
 
 @torch.no_grad()
@@ -394,15 +517,18 @@ def routed_logits(
     model: nn.Module, x: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (float32) of ``model`` in evaluation mode on ``x`` in one pass, and for the MoE
-    each sample's expert. Router noise (only with ``test_noise``) comes from a generator
-    seeded by ``seed``, fresh for this pass; the model's own generator is left as it was."""
+    each sample's expert. Router noise (only with ``test_noise``) comes from a generator on
+    ``x``'s device seeded by ``stream_seed(seed, "evaluation_noise")``, fresh for this pass
+    (independent of the initial weights' and the training noise's numbers); the model's own
+    generator is left as it was."""
     was_training = model.training
     model.eval()
     try:
         if not isinstance(model, ClusterMoE):
             return model(x).float(), None
         saved = model.generator
-        model.generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=x.device)
+        model.generator = generator.manual_seed(stream_seed(seed, EVALUATION_NOISE))
         try:
             logits = model(x).float()
         finally:
@@ -446,10 +572,19 @@ def evaluate_cluster_checkpoint(
     checkpoint: str | Path, test_store: str | Path, train_store: str | Path
 ) -> dict[str, Any]:
     """Scores of a cluster model's ``best.pt``: accuracies on the test store, the train part
-    and the validation part of the train store, and for the MoE its dispatch (counts per
-    expert and cluster) and dispatch entropy on the whole train store (as the paper) and on
-    the test store. One float32 pass per store on the configured device; routing without
-    noise unless the model's ``test_noise`` (then seeded by the run's seed).
+    and the validation part of the train store, and for the MoE:
+
+    * ``dispatch_entropy``: the published definition, the official code's figure: the
+      entropy of the last training forward pass run (router noise on, our training part of
+      the train store, i.e. the 90 % left by the validation carve, before that epoch's
+      update), read from the last history row ``best.pt`` keeps (``last_row``);
+    * ``dispatch_entropy_eval``: the kept (best-validation) checkpoint's entropy on the whole
+      train store routed as at evaluation, and ``test_dispatch_entropy`` the same on the test
+      store; ``dispatch`` holds both count matrices (expert x cluster).
+
+    One float32 pass per store on the configured device; evaluation routes without noise
+    unless the model's ``test_noise`` (then seeded by the run's seed and the stream name
+    ``evaluation_noise``).
 
     The train store must be the one the model was trained on, the test store must come from
     the same setting and seed (the same generating vectors); otherwise an InputError names
@@ -464,6 +599,12 @@ def evaluate_cluster_checkpoint(
         raise InputError(f"{checkpoint}: not a checkpoint of a cluster-family model")
     spec = ModelSpec.from_dict(saved["spec"])
     seed = int(saved["seed"])
+    last_row = saved.get("last_row")
+    if spec.kind == "cluster_moe" and "train_dispatch_entropy" not in (last_row or {}):
+        raise InputError(
+            f"{checkpoint}: holds no last history row with the training dispatch entropy "
+            "(the published figure); it was written by an older version: train it again"
+        )
     train = _open_train(train_store)
     trained_on = (saved.get("data_provenance") or {}).get("train") or {}
     provenance = cluster_provenance(train)
@@ -509,6 +650,7 @@ def evaluate_cluster_checkpoint(
         "train_accuracy": accuracy(train_logits[train_index], train.label[train_index]),
         "val_accuracy": accuracy(train_logits[val_index], train.label[val_index]),
         "dispatch_entropy": None,
+        "dispatch_entropy_eval": None,
         "test_dispatch_entropy": None,
     }
     dispatch = None
@@ -517,7 +659,8 @@ def evaluate_cluster_checkpoint(
         experts = model.num_experts
         train_counts = dispatch_matrix(train_dispatch, train.cluster, experts, clusters)
         test_counts = dispatch_matrix(test_dispatch, test.cluster, experts, clusters)
-        metrics["dispatch_entropy"] = dispatch_entropy(train_counts)
+        metrics["dispatch_entropy"] = float(last_row["train_dispatch_entropy"])
+        metrics["dispatch_entropy_eval"] = dispatch_entropy(train_counts)
         metrics["test_dispatch_entropy"] = dispatch_entropy(test_counts)
         dispatch = {
             "train": train_counts.tolist(),
@@ -540,6 +683,9 @@ def evaluate_cluster_checkpoint(
         "best_epoch": int(saved["epoch"]),
         "epochs": int(saved["epochs"]),
         "train_time_s": float(saved["train_time_s"]),
+        "stop_reason": str(saved.get("stop_reason") or ""),
+        "train_samples": int(train_index.size),
+        "val_samples": int(val_index.size),
         "test_noise": bool(moe and model.test_noise),
         "device": str(device),
         "precision": "fp32",

@@ -47,6 +47,9 @@ def result(setting, model, seed, accuracy, entropy=None, *, kind="cluster_moe", 
         "best_epoch": 40,
         "epochs": 50,
         "train_time_s": 12.5,
+        "stop_reason": "epochs",
+        "train_samples": 14400,
+        "val_samples": 1600,
         "test_noise": False,
         "device": "cpu",
         "precision": "fp32",
@@ -55,6 +58,7 @@ def result(setting, model, seed, accuracy, entropy=None, *, kind="cluster_moe", 
             "train_accuracy": 100.0,
             "val_accuracy": 99.0,
             "dispatch_entropy": entropy,
+            "dispatch_entropy_eval": None if entropy is None else entropy / 2,
             "test_dispatch_entropy": entropy,
         },
         "dispatch": (
@@ -115,6 +119,9 @@ def test_csv_has_the_columns_means_and_ddof1_stds(tmp_path, s1_results):
     # 0.05, 0.10, 0.30 -> mean 0.15, squared deviations 0.01 + 0.0025 + 0.0225 over 2
     assert float(moe["dispatch_entropy_mean"]) == pytest.approx(0.15)
     assert float(moe["dispatch_entropy_std"]) == pytest.approx(math.sqrt(0.0175))
+    # the entropy at evaluation beside it (half the published one in these files)
+    assert float(moe["dispatch_entropy_eval_mean"]) == pytest.approx(0.075)
+    assert float(moe["dispatch_entropy_eval_std"]) == pytest.approx(math.sqrt(0.0175) / 2)
     assert moe["citation"] == ""
     single = ours[0]
     assert single["label"] == "single nonlinear (80 filters, cubic)"
@@ -123,6 +130,7 @@ def test_csv_has_the_columns_means_and_ddof1_stds(tmp_path, s1_results):
     # one seed: no spread; a single CNN: no entropy
     assert single["test_accuracy_std"] == ""
     assert single["dispatch_entropy_mean"] == single["dispatch_entropy_std"] == ""
+    assert single["dispatch_entropy_eval_mean"] == single["dispatch_entropy_eval_std"] == ""
 
 
 def test_published_rows_match_by_kind_and_carry_the_citation(tmp_path, s1_results):
@@ -138,6 +146,7 @@ def test_published_rows_match_by_kind_and_carry_the_citation(tmp_path, s1_result
     assert float(moe["test_accuracy_std"]) == 0.55
     assert float(moe["dispatch_entropy_mean"]) == 0.098
     assert float(moe["dispatch_entropy_std"]) == 0.088
+    assert moe["dispatch_entropy_eval_mean"] == ""  # the paper has only its own definition
     single = published["single_cubic_80"]
     assert single["label"] == "single nonlinear (80 filters, cubic)"
     assert float(single["test_accuracy_mean"]) == 79.57
@@ -179,7 +188,7 @@ def test_markdown_and_html_for_a_reader(tmp_path, s1_results):
     assert "## Setting s1: σ_p = 1, γ ~ U[0.5, 3]; 16,000 train / 16,000 test samples" in markdown
     lines = markdown.splitlines()
     ours = next(line for line in lines if line.startswith("| MoE nonlinear (8 experts, cubic) |"))
-    assert "| 3 | 6,536 | 99.50 ± 0.50 | 0.150 ± 0.132 |" in ours
+    assert "| 3 | 6,536 | 99.50 ± 0.50 | 0.150 ± 0.132 | 0.075 ± 0.066 |" in ours
     # the published row sits right under ours, marked and footnoted
     below = lines[lines.index(ours) + 1]
     assert below.startswith("| MoE nonlinear (8 experts, cubic) *(published)* [1] | 10 |")
@@ -188,7 +197,13 @@ def test_markdown_and_html_for_a_reader(tmp_path, s1_results):
     assert "| 70.25 |" in single and "±" not in single
     assert f"[1] {CITATION_START}" in markdown
     text = " ".join(markdown.split())
-    assert "H(cluster | routed to expert m), natural log, counted on the training split" in text
+    assert "H(cluster | routed to expert m), natural log" in text
+    assert "The column 'dispatch entropy' is the published definition" in text
+    assert "training forward pass of the last epoch run (router noise on" in text
+    assert "the 14,400 of the train split's 16,000 samples left after the 10 % validation" in text
+    assert "The column 'dispatch entropy at evaluation' is the same formula" in text
+    assert "Where ours differs from the official code" in text
+    assert "keep the epoch of best validation accuracy" in text
     assert "off at test time in all 3 MoE runs here (test_noise false" in text
     assert "(ddof 1)" in text and "ddof 0" in text
     assert "one run each" in text
@@ -261,6 +276,10 @@ def test_missing_and_malformed_files_are_named(tmp_path, s1_results):
         ({"test_noise": "no"}, "test_noise"),
         ({"metrics": {"test_accuracy": "high"}}, "metrics.test_accuracy"),
         ({"metrics": {"test_accuracy": 99.0, "dispatch_entropy": "low"}}, "dispatch_entropy"),
+        (
+            {"metrics": {"test_accuracy": 99.0, "dispatch_entropy_eval": "low"}},
+            "dispatch_entropy_eval",
+        ),
     ):
         wrong.write_text(json.dumps({**s1_results[0], **change}))
         with pytest.raises(InputError, match=f"wrong.json.*{message}"):

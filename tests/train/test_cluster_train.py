@@ -1,6 +1,7 @@
-"""Cluster family through the shared trainer: learning, resuming, data identity, the
+"""Cluster family through the shared trainer: learning, each kind's official recipe and early
+stop, the published dispatch entropy, the router-noise stream, resuming, data identity, the
 validation carve, evaluation and its JSON, spec checks. Real trainings on small s1 stores
-(2,000 train / 2,000 test samples); about 15 s on one core."""
+(2,000 train / 2,000 test samples); about 25 s on one core."""
 
 import csv
 import json
@@ -8,20 +9,23 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from smoe.data.cluster_store import write_cluster_split
+from smoe.data.cluster_store import open_cluster_split, write_cluster_split
 from smoe.data.clusters import make_setting
 from smoe.errors import InputError
 from smoe.models.clusters import ClusterMoE, PatchCNN, build_cluster_model
-from smoe.train.checkpoint import load_checkpoint
+from smoe.train.checkpoint import load_checkpoint, stream_seed
+from smoe.train.cluster_metrics import dispatch_entropy
 from smoe.train.cluster_task import (
     carve_validation,
     evaluate_cluster_checkpoint,
+    official_stop,
     resolve_cluster_spec,
     train_cluster,
     write_json,
 )
-from smoe.train.loop import TaskTrainer
+from smoe.train.loop import INTERRUPT_ENV, TaskTrainer
 
 RESULT_KEYS = {
     "family",
@@ -36,6 +40,9 @@ RESULT_KEYS = {
     "best_epoch",
     "epochs",
     "train_time_s",
+    "stop_reason",
+    "train_samples",
+    "val_samples",
     "test_noise",
     "device",
     "precision",
@@ -49,6 +56,7 @@ METRIC_KEYS = {
     "train_accuracy",
     "val_accuracy",
     "dispatch_entropy",
+    "dispatch_entropy_eval",
     "test_dispatch_entropy",
 }
 
@@ -86,7 +94,7 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def moe_run(stores, tmp_path_factory):
-    """The paper's nonlinear MoE with every default (500 epochs, the official early stop)."""
+    """The paper's nonlinear MoE with every default (501 epochs, the official early stop)."""
     out = tmp_path_factory.mktemp("moe")
     summary = train_cluster(spec(), stores[0, "train"], 0, out, progress=False)
     return out, summary
@@ -98,9 +106,10 @@ def test_nonlinear_moe_learns_the_clusters(moe_run, stores, tmp_path):
     metrics = result["metrics"]
     assert metrics["test_accuracy"] >= 95.0, metrics
     assert metrics["dispatch_entropy"] < 0.5, metrics  # each expert keeps (nearly) one cluster
+    assert metrics["dispatch_entropy_eval"] < 0.5, metrics
     assert summary["family"] == "clusters" and summary["select_metric"] == "val_accuracy"
     assert summary["train_samples"] == 1800 and summary["val_samples"] == 200
-    assert summary["stop_reason"] and summary["epochs"] <= 500
+    assert summary["stop_reason"] and summary["epochs"] <= 501
     assert summary["val_metrics"]["val_accuracy"] == metrics["val_accuracy"]  # no test noise
     rows = read_history(out)
     assert len(rows) == summary["epochs"]
@@ -134,6 +143,7 @@ def test_evaluation_json_has_every_key(moe_run, stores, tmp_path):
     assert result["best_epoch"] == summary["best_epoch"] and result["epochs"] == summary["epochs"]
     assert result["train_time_s"] == pytest.approx(summary["train_time_s"])
     assert result["test_noise"] is False
+    assert (result["train_samples"], result["val_samples"]) == (1800, 200)
     assert (result["device"], result["precision"]) == ("cpu", "fp32")
     dispatch = result["dispatch"]
     assert (dispatch["experts"], dispatch["clusters"]) == (8, 4)
@@ -149,18 +159,22 @@ def test_evaluation_json_has_every_key(moe_run, stores, tmp_path):
 
 def test_single_cnn_trains(stores, tmp_path):
     options = {"filters_per_class": 40, "activation": "linear"}
-    single = spec("cluster_single", options, name="single80", epochs=40, stop_rise=None)
+    single = spec("cluster_single", options, name="single80", epochs=40)
     summary = train_cluster(single, stores[0, "train"], 0, tmp_path, progress=False)
     assert summary["epochs"] == 40 and summary["stop_reason"] == "epochs"
     rows = read_history(tmp_path)
     assert "train_dispatch_entropy" not in rows[0] and "router_lr" not in rows[0]
     assert float(rows[0]["lr"]) == 3e-3  # Adam's default for linear singles
+    adam = load_checkpoint(tmp_path / "last.pt")["optimizer"]
+    assert adam["param_groups"][0]["weight_decay"] == 5e-4
+    assert all("exp_avg" in state for state in adam["state"].values())
     result = evaluate_cluster_checkpoint(
         tmp_path / "best.pt", stores[0, "test"], stores[0, "train"]
     )
     assert set(result) == RESULT_KEYS and set(result["metrics"]) == METRIC_KEYS
     assert result["dispatch"] is None and result["experts"] is None
     assert result["metrics"]["dispatch_entropy"] is None
+    assert result["metrics"]["dispatch_entropy_eval"] is None
     assert result["metrics"]["test_dispatch_entropy"] is None
     assert result["filters"] == 80 and result["params"] == 80 * 51
     assert 60.0 < result["metrics"]["test_accuracy"] < 90.0
@@ -172,7 +186,7 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumes_exactly(stores, tmp_path, monkeypatch):
-    run = spec(epochs=12, stop_loss=None, stop_rise=None, checkpoint_every=4)
+    run = spec(epochs=12, stop_on_loss=False, checkpoint_every=4)
     reference = train_cluster(run, stores[0, "train"], 3, tmp_path / "A", progress=False)
     assert load_checkpoint(tmp_path / "A" / "last.pt")["state"]["epoch"] == 12
     validate, calls = TaskTrainer._validate, []
@@ -187,8 +201,9 @@ def test_an_interrupted_run_resumes_exactly(stores, tmp_path, monkeypatch):
         patch.setattr(TaskTrainer, "_validate", interrupt_seventh_validation)
         with pytest.raises(Interrupted):
             train_cluster(run, stores[0, "train"], 3, tmp_path / "B", progress=False)
-    saved = load_checkpoint(tmp_path / "B" / "last.pt")["state"]  # saved every 4 epochs
-    assert saved["epoch"] == 4 and not (tmp_path / "B" / "train.json").exists()
+    saved = load_checkpoint(tmp_path / "B" / "last.pt")  # saved every 4 epochs
+    assert saved["state"]["epoch"] == 4 and not (tmp_path / "B" / "train.json").exists()
+    assert "router_noise" in saved["streams"]  # the noise stream goes on where it stopped
     summary = train_cluster(run, stores[0, "train"], 3, tmp_path / "B", progress=False)
     assert summary["resumed_from_epoch"] == 4 and summary["fresh_start_reason"] is None
     assert without_time(read_history(tmp_path / "B")) == without_time(read_history(tmp_path / "A"))
@@ -204,12 +219,40 @@ def test_an_interrupted_run_resumes_exactly(stores, tmp_path, monkeypatch):
     assert other["val_metrics"] != reference["val_metrics"]
 
 
+def test_a_run_interrupted_before_its_official_stop_resumes_to_it(stores, tmp_path, monkeypatch):
+    """stop_loss 10 stops the MoE at its first loss that is not a new minimum (epoch 19 on
+    these data); killed after epoch 8, the run resumes and stops where the uninterrupted one
+    did, with the same history, weights and published dispatch entropy."""
+    run = spec(epochs=60, stop_loss=10.0, checkpoint_every=4)
+    reference = train_cluster(run, stores[0, "train"], 0, tmp_path / "A", progress=False)
+    assert 8 < reference["epochs"] < 60 and "stop_loss" in reference["stop_reason"]
+    monkeypatch.setenv(INTERRUPT_ENV, "8")
+    with pytest.raises(KeyboardInterrupt):
+        train_cluster(run, stores[0, "train"], 0, tmp_path / "B", progress=False)
+    monkeypatch.delenv(INTERRUPT_ENV)
+    summary = train_cluster(run, stores[0, "train"], 0, tmp_path / "B", progress=False)
+    assert summary["resumed_from_epoch"] == 8
+    assert without_time(read_history(tmp_path / "B")) == without_time(read_history(tmp_path / "A"))
+    for key in ("epochs", "best_epoch", "best_value", "val_metrics", "stop_reason"):
+        assert summary[key] == reference[key], key
+    best = [load_checkpoint(tmp_path / name / "best.pt") for name in "AB"]
+    assert (
+        best[0]["last_row"]["train_dispatch_entropy"]
+        == (best[1]["last_row"]["train_dispatch_entropy"])
+    )
+    for name in ("best.pt", "last.pt"):
+        assert_same_weights(
+            load_checkpoint(tmp_path / "B" / name)["model"],
+            load_checkpoint(tmp_path / "A" / name)["model"],
+        )
+
+
 def test_validation_noise_does_not_touch_the_training_noise(stores, tmp_path):
     """With test_noise the validation routes noisily, from its own generator: the training
     (losses, weights) is the same as without."""
     runs = {}
     for test_noise in (False, True):
-        run = spec(options={"test_noise": test_noise}, epochs=8, stop_loss=None, stop_rise=None)
+        run = spec(options={"test_noise": test_noise}, epochs=8, stop_on_loss=False)
         out = tmp_path / str(test_noise)
         train_cluster(run, stores[0, "train"], 0, out, progress=False)
         runs[test_noise] = out
@@ -230,7 +273,7 @@ def test_validation_noise_does_not_touch_the_training_noise(stores, tmp_path):
 
 
 def test_other_data_restart_from_scratch_and_say_why(stores, tmp_path, capsys):
-    run = spec(epochs=3, stop_loss=None, stop_rise=None)
+    run = spec(epochs=3, stop_on_loss=False)
     train_cluster(run, stores[0, "train"], 0, tmp_path, progress=False)
     capsys.readouterr()
     summary = train_cluster(run, stores[1, "train"], 0, tmp_path, progress=False)
@@ -238,7 +281,7 @@ def test_other_data_restart_from_scratch_and_say_why(stores, tmp_path, capsys):
     assert "other data (train." in summary["fresh_start_reason"]
     assert "not resuming" in capsys.readouterr().err
     # Another validation carve is other data too.
-    carved = spec(epochs=3, stop_loss=None, stop_rise=None)
+    carved = spec(epochs=3, stop_on_loss=False)
     carved["data"] = {"val_fraction": 0.2}
     summary = train_cluster(carved, stores[1, "train"], 0, tmp_path, progress=False)
     assert summary["resumed_from_epoch"] is None
@@ -264,7 +307,7 @@ def test_the_validation_carve_is_the_data_seeds_alone(stores, tmp_path):
     assert np.array_equal(carve_validation(2000, 0.1, 0)[1], val)
     assert len(carve_validation(10, 0.01, 0)[1]) == 1  # at least one sample
     # Every model seed of a data set validates on the same samples.
-    run = spec(epochs=1, stop_loss=None, stop_rise=None)
+    run = spec(epochs=1, stop_on_loss=False)
     infos = []
     for seed in (0, 1):
         train_cluster(run, stores[0, "train"], seed, tmp_path / str(seed), progress=False)
@@ -287,19 +330,178 @@ def test_evaluation_refuses_stores_of_other_data(moe_run, stores):
         evaluate_cluster_checkpoint(best, stores[0, "train"], stores[0, "train"])
 
 
-def test_stop_rules(stores, tmp_path):
+# -- the official early stop ------------------------------------------------------------
+
+MOE_STOP = {"stop_loss": 0.314, "stop_rise": 0.02, "stop_from": 0}
+SINGLE_STOP = {"stop_loss": None, "stop_rise": 0.02, "stop_from": 501}
+
+
+def first_stop(losses, **rule):
+    """The first epoch at which the rule stops on this loss history (None: never)."""
+    return next((e for e in range(len(losses)) if official_stop(losses[: e + 1], **rule)), None)
+
+
+def test_the_moes_official_stop_on_crafted_losses():
+    # A new minimum never stops, even below the 0.314 floor.
+    assert official_stop([0.7, 0.5, 0.3135], **MOE_STOP) == ""
+    assert official_stop([0.7, 0.5, 0.2], **MOE_STOP) == ""
+    # Not a new minimum and <= 0.314: stops.
+    assert "stop_loss" in official_stop([0.7, 0.31, 0.312], **MOE_STOP)
+    # A tie is a new minimum (the official `loss <= min_loss`): goes on.
+    assert official_stop([0.7, 0.31, 0.31], **MOE_STOP) == ""
+    # A rise of more than 0.02 above the minimum stops; one of 0.015 does not.
+    assert "stop_rise" in official_stop([0.7, 0.5, 0.53], **MOE_STOP)
+    assert official_stop([0.7, 0.5, 0.515], **MOE_STOP) == ""
+    # The first epoch never stops; the rule may stop from epoch 1.
+    assert official_stop([0.2], **MOE_STOP) == ""
+    assert first_stop([0.9, 0.95], **MOE_STOP) == 1
+    # Thresholds as the official float32 comparisons: the float32 of 0.314 is above 0.314.
+    float32_floor = float(np.float32(0.314))
+    assert float32_floor > 0.314
+    assert official_stop([0.30, float32_floor], **MOE_STOP)
+    # Either test alone can be switched off.
+    assert official_stop([0.7, 0.31, 0.312], **{**MOE_STOP, "stop_loss": None}) == ""
+    assert official_stop([0.7, 0.5, 0.53], **{**MOE_STOP, "stop_rise": None}) == ""
+
+
+def test_the_singles_official_stop_on_crafted_losses():
+    """Losses that rise by 0.1 at epoch 10 (the MoE's rule stops there) and below the MoE's
+    floor later: the singles' rule waits for epoch 501 and ignores the floor."""
+    losses = [1.0] + [0.5] * 9 + [0.6] + [0.3] * 480 + [0.31] * 20  # epochs 0..510
+    assert first_stop(losses, **MOE_STOP) == 10
+    assert first_stop(losses, **SINGLE_STOP) is None  # 0.31 <= 0.3 + 0.02 and no floor
+    rising = losses[:501] + [0.315, 0.319, 0.33]  # epochs 501..: rises of 0.015, 0.019, 0.03
+    assert first_stop(rising, **SINGLE_STOP) == 503  # the first epoch > 500 above min + 0.02
+    assert first_stop(rising[:502], **{**SINGLE_STOP, "stop_loss": 0.314}) is None  # 0.315
+    early = [1.0, 2.0] + [0.9] * 500 + [2.0]  # a rise at epoch 1, another at epoch 502
+    assert first_stop(early, **SINGLE_STOP) == 502
+    assert first_stop(early[:501], **SINGLE_STOP) is None
+    assert first_stop(early, **{**SINGLE_STOP, "stop_from": 0}) == 1
+
+
+def test_the_moes_stopping_epoch_takes_no_step(stores, tmp_path):
+    """stop_loss 10 stops at the first epoch whose loss is not a new minimum: its history row
+    is written, its step is not taken (the weights are those of a run of one epoch less),
+    and every epoch before it was a new minimum."""
     stopped = train_cluster(
-        spec(epochs=20, stop_loss=10.0), stores[0, "train"], 0, tmp_path / "a", progress=False
+        spec(epochs=60, stop_loss=10.0), stores[0, "train"], 0, tmp_path / "a", progress=False
     )
-    assert stopped["epochs"] == 1 and "stop_loss" in stopped["stop_reason"]
+    rows = read_history(tmp_path / "a")
+    last = stopped["epochs"] - 1
+    assert 1 <= last < 59 and len(rows) == last + 1
+    assert "stop_loss 10.0" in stopped["stop_reason"] and f"epoch {last}" in stopped["stop_reason"]
+    losses = [float(row["train_loss"]) for row in rows]
+    assert all(losses[e] <= min(losses[:e]) for e in range(1, last))
+    assert losses[last] > min(losses[:last])
+    shorter = train_cluster(
+        spec(epochs=last, stop_on_loss=False), stores[0, "train"], 0, tmp_path / "b", False
+    )
+    assert shorter["stop_reason"] == "epochs"
+    assert without_time(read_history(tmp_path / "b")) == without_time(rows[:last])
+    assert_same_weights(
+        load_checkpoint(tmp_path / "a" / "last.pt")["model"],
+        load_checkpoint(tmp_path / "b" / "last.pt")["model"],
+    )
+    # The stopping row's validation is of the unmoved weights: the epoch before's again.
+    assert rows[last]["val_accuracy"] == rows[last - 1]["val_accuracy"]
+    assert rows[last]["val_loss"] == rows[last - 1]["val_loss"]
+    # Off, the same run trains every epoch.
     full = train_cluster(
-        spec(epochs=5, stop_loss=None, stop_rise=None),
-        stores[0, "train"],
-        0,
-        tmp_path / "b",
-        progress=False,
+        spec(epochs=5, stop_on_loss=False), stores[0, "train"], 0, tmp_path / "c", False
     )
     assert full["epochs"] == 5 and full["stop_reason"] == "epochs"
+
+
+def test_the_single_recipe(stores, tmp_path):
+    """A cubic single: Adam at 1e-2 with weight decay 5e-4 on the plain cross-entropy of its
+    logits (so the loss goes below the MoE loss's 0.313 floor, and validation reports the same
+    loss); its loss rises by far more than 0.02 at epoch 1, but its early stop waits for
+    epoch 501."""
+    options = {"filters_per_class": 40, "activation": "cubic"}
+    run = spec("cluster_single", options, name="single", epochs=150)
+    summary = train_cluster(run, stores[0, "train"], 0, tmp_path, progress=False)
+    assert summary["epochs"] == 150 and summary["stop_reason"] == "epochs"
+    rows = read_history(tmp_path)
+    losses = [float(row["train_loss"]) for row in rows]
+    assert losses[1] > losses[0] + 0.02  # what would stop the MoE's rule at epoch 1
+    assert first_stop(losses, **{**SINGLE_STOP, "stop_from": 0}) == 1
+    assert min(losses) < 0.313
+    assert float(rows[0]["lr"]) == 1e-2
+    adam = load_checkpoint(tmp_path / "last.pt")["optimizer"]
+    assert adam["param_groups"][0]["weight_decay"] == 5e-4
+    # The validation loss is the same plain cross-entropy, of the kept weights.
+    best = load_checkpoint(tmp_path / "best.pt")
+    model = build_cluster_model("cluster_single", options, 50)
+    model.load_state_dict(best["model"])
+    data = open_cluster_split(stores[0, "train"])
+    _, val = carve_validation(len(data), 0.1, data.seed)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(data.x[val]))
+    plain = float(F.cross_entropy(logits, torch.from_numpy(data.label[val])))
+    assert best["val_metrics"]["val_loss"] == pytest.approx(plain, rel=1e-6)
+    # stop_from moves the first epoch that may stop: here the rule's first rise from 20 on.
+    early = spec("cluster_single", options, name="single", epochs=150, stop_from=20)
+    stopped = train_cluster(early, stores[0, "train"], 0, tmp_path / "early", progress=False)
+    expected = next(e for e in range(20, 150) if losses[e] > min(losses[:e]) + 0.02)
+    assert stopped["epochs"] == expected + 1, stopped["stop_reason"]
+
+
+# -- dispatch entropy and the router-noise stream ------------------------------------------
+
+
+def test_the_published_dispatch_entropy_is_the_last_training_pass(moe_run, stores):
+    out, summary = moe_run
+    rows = read_history(out)
+    best = load_checkpoint(out / "best.pt")
+    assert best["last_row"]["epoch"] == summary["epochs"] - 1 == int(rows[-1]["epoch"])
+    result = evaluate_cluster_checkpoint(out / "best.pt", stores[0, "test"], stores[0, "train"])
+    metrics = result["metrics"]
+    assert metrics["dispatch_entropy"] == float(rows[-1]["train_dispatch_entropy"])
+    assert metrics["dispatch_entropy"] == best["last_row"]["train_dispatch_entropy"]
+    assert result["stop_reason"] == summary["stop_reason"]
+    # Beside it, the kept checkpoint's noise-free routing of the whole train store.
+    counts = np.asarray(result["dispatch"]["train"])
+    assert metrics["dispatch_entropy_eval"] == pytest.approx(dispatch_entropy(counts))
+
+
+def test_the_router_noise_has_its_own_stream(stores, tmp_path, monkeypatch):
+    """The training noise is not the numbers torch.manual_seed(seed) gives (those drew the
+    initial weights) but those of the run's "router_noise" stream, saved in last.pt."""
+    draws = []
+    noise = ClusterMoE._noise
+
+    def record(self, like):
+        drawn = noise(self, like)
+        draws.append(drawn.clone())
+        return drawn
+
+    monkeypatch.setattr(ClusterMoE, "_noise", record)
+    seed = 7
+    train_cluster(spec(epochs=2, stop_on_loss=False), stores[0, "train"], seed, tmp_path, False)
+    first = draws[0]
+    assert first.shape == (1800, 8)
+    init_stream = torch.rand(first.shape, generator=torch.Generator().manual_seed(seed))
+    assert not torch.equal(first, init_stream)
+    torch.manual_seed(seed)
+    assert not torch.equal(first, torch.rand(first.shape))
+    own = torch.Generator().manual_seed(stream_seed(seed, "router_noise"))
+    assert torch.equal(first, torch.rand(first.shape, generator=own))
+    assert torch.equal(draws[1], torch.rand(first.shape, generator=own))  # one stream, continued
+    streams = load_checkpoint(tmp_path / "last.pt")["streams"]
+    assert set(streams) == {"router_noise"} and streams["router_noise"]["device"] == "cpu"
+    assert torch.equal(streams["router_noise"]["state"], own.get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_moe_trains_and_evaluates_on_cuda_with_noise_on_the_device(stores, tmp_path):
+    run = spec(options={"test_noise": True}, epochs=3, device="cuda", stop_on_loss=False)
+    train_cluster(run, stores[0, "train"], 0, tmp_path, progress=False)
+    streams = load_checkpoint(tmp_path / "last.pt")["streams"]
+    assert streams["router_noise"]["device"] == "cuda"
+    result = evaluate_cluster_checkpoint(
+        tmp_path / "best.pt", stores[0, "test"], stores[0, "train"]
+    )
+    assert result["device"].startswith("cuda") and result["test_noise"] is True
 
 
 @pytest.mark.parametrize(
@@ -311,6 +513,11 @@ def test_stop_rules(stores, tmp_path):
         ({"kind": "cluster_single", "train": {"router_lr": 0.1}}, r"train\.router_lr"),
         ({"train": {"precision": "bf16"}}, r"train\.precision"),
         ({"train": {"checkpoint_every": 0}}, r"train\.checkpoint_every"),
+        ({"train": {"stop_from": -1}}, r"train\.stop_from must be an integer >= 0"),
+        ({"train": {"stop_from": 1.5}}, r"train\.stop_from must be an integer >= 0"),
+        ({"train": {"stop_rise": -0.1}}, r"train\.stop_rise must be >= 0"),
+        ({"train": {"stop_loss": "low"}}, r"train\.stop_loss must be a number or null"),
+        ({"train": {"stop_on_loss": "yes"}}, r"train\.stop_on_loss must be true or false"),
         ({"train": {"select": {"mode": "best"}}}, r"train\.select"),
         ({"data": {"val_fraction": 0.0}}, r"data\.val_fraction"),
         ({"data": {"context": 1}}, r"data\.context is not a setting"),
@@ -327,13 +534,51 @@ def test_bad_specs_name_the_key(change, match):
 
 def test_resolved_defaults():
     moe = resolve_cluster_spec(spec())
-    assert moe.train["epochs"] == 500 and moe.train["stop_loss"] == 0.314
-    assert moe.train["stop_rise"] == 0.02 and moe.train["threads"] == 1
+    assert moe.train["epochs"] == 501 and moe.train["stop_loss"] == 0.314
+    assert moe.train["stop_rise"] == 0.02 and moe.train["stop_from"] == 0
+    assert moe.train["stop_on_loss"] is True and moe.train["threads"] == 1
     assert moe.train["select"] == {"metric": "val_accuracy", "mode": "max"}
     assert moe.train["device"] == "cpu" and moe.data == {"val_fraction": 0.1}
     single = resolve_cluster_spec(spec("cluster_single", select={"mode": "max"}))
-    assert single.train["epochs"] == 800 and single.train["select"]["metric"] == "val_accuracy"
-    assert resolve_cluster_spec(moe) == moe
+    assert single.train["epochs"] == 801 and single.train["select"]["metric"] == "val_accuracy"
+    assert single.train["stop_loss"] is None and single.train["stop_rise"] == 0.02
+    assert single.train["stop_from"] == 501
+    assert resolve_cluster_spec(moe) == moe and resolve_cluster_spec(single) == single
+    own = resolve_cluster_spec(spec("cluster_single", stop_loss=0.3, stop_from=0))
+    assert (own.train["stop_loss"], own.train["stop_from"]) == (0.3, 0)
+
+
+def test_the_stop_settings_in_a_config_resolve_per_kind_and_bad_ones_name_the_key():
+    from pathlib import Path
+
+    import yaml
+
+    from smoe.config import cluster_model_spec, validate_config
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "config" / "test.yaml").read_text())
+    config = validate_config(json.loads(json.dumps(raw)))
+    assert config["clusters"]["train"]["stop_from"] is None  # null: the kind's official
+    single = resolve_cluster_spec(cluster_model_spec(config, "single_linear")).train
+    moe = resolve_cluster_spec(cluster_model_spec(config, "moe_linear")).train
+    assert (single["stop_from"], single["stop_loss"], single["stop_rise"]) == (501, None, 0.02)
+    assert (moe["stop_from"], moe["stop_loss"], moe["stop_rise"]) == (0, 0.314, 0.02)
+    for where, change, message in (
+        ("train", {"stop_from": -1}, r"'clusters\.train\.stop_from': -1 is less than"),
+        ("train", {"stop_rise": -1}, r"'clusters\.train\.stop_rise': -1 is less than"),
+        ("train", {"stop_on_loss": 3}, r"'clusters\.train\.stop_on_loss': 3 is not of type"),
+        (
+            "single_linear",
+            {"stop_from": 1.5},
+            r"'clusters\.models\.single_linear\.train\.stop_from': 1\.5 is not of type",
+        ),
+    ):
+        bad = json.loads(json.dumps(raw))
+        section = bad["clusters"]["train"]
+        if where != "train":
+            section = bad["clusters"]["models"][where].setdefault("train", {})
+        section.update(change)
+        with pytest.raises(InputError, match=message):
+            validate_config(bad)
 
 
 def test_builder_defaults_singles_to_the_default_init():
