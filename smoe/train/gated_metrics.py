@@ -9,7 +9,10 @@ arXiv 2302.14703); every entropy is in bits.
 * :func:`sample_entropy`: mean_x H(p(.|x)), 0 when every gate decision is one-hot;
 * :func:`usage_entropy`: H(mean_x p(.|x)), log2 E when the experts are used equally;
 * :func:`per_task_entropy`: mean over classes of H(mean over the class of p), 0 when each
-  class goes to one expert.
+  class goes to one expert;
+* :func:`specialisation_metrics`: the four entropies as the official code reports them for a
+  model, soft (expectation, top-k > 1: from the gate weights) or hard (top-1, stochastic,
+  EM: H_s = 0, usage and per-task entropies from the argmax choices' counts).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "per_task_entropy",
     "routing_matrix",
     "sample_entropy",
+    "specialisation_metrics",
     "usage_entropy",
 ]
 
@@ -101,3 +105,38 @@ def per_task_entropy(p: Any, labels: Any) -> float:
         raise ValueError(f"{p.shape[0]} gate rows but {labels.size} labels")
     values = [float(entropy_bits(p[labels == c].mean(axis=0))) for c in np.unique(labels)]
     return float(np.mean(values))
+
+
+def one_hot_choices(choice: Any, experts: int) -> np.ndarray:
+    """Choices [N] as one-hot rows [N, experts] (float64): the gate output of a model that
+    routes each sample to one expert, from which its usage is counted."""
+    choice = _as_numpy(choice).astype(np.int64).ravel()
+    if choice.size and (choice.min() < 0 or choice.max() >= experts):
+        raise ValueError(f"expert choices must lie in 0..{experts - 1}")
+    return np.eye(experts, dtype=np.float64)[choice]
+
+
+def specialisation_metrics(
+    weights: Any,
+    choice: Any,
+    expert_pred: Any,
+    labels: Any,
+    experts: int,
+    classes: int,
+    hard: bool,
+) -> dict[str, float]:
+    """I(E;Y), H_s, H_u and the per-task entropy in bits, as the official code reports them.
+
+    ``weights`` [N, E] is the gate output (softmax, or the renormalised top-k weights),
+    ``choice`` [N] each sample's expert (the argmax of the weights), ``expert_pred`` [N] the
+    class that expert predicted and ``labels`` [N] the true classes. For a ``hard`` model
+    (top-1, stochastic, EM) the sample entropy is reported as 0 and the usage and per-task
+    entropies come from the counts of the choices, not from the soft weights.
+    """
+    gate = one_hot_choices(choice, experts) if hard else _gate_probabilities(weights)
+    return {
+        "mutual_information": mutual_information(choice, expert_pred, experts, classes),
+        "sample_entropy": 0.0 if hard else sample_entropy(gate),
+        "usage_entropy": usage_entropy(gate),
+        "per_task_entropy": per_task_entropy(gate, labels),
+    }

@@ -1,48 +1,35 @@
 """The gated-modular-network family (Krishnamurthy et al., arXiv 2302.14703) through the
-shared trainer.
+shared trainer, as the official code trains and evaluates it.
 
 :class:`GatedTask` is what this family gives :class:`smoe.train.loop.TaskTrainer`; seeding,
-checkpoints, resuming, history, best-epoch selection and the summary are the trainer's.
+checkpoints, resuming, history, the kept epoch and the summary are the trainer's.
 :func:`train_gated` trains one model with one seed, :func:`evaluate_gated_checkpoint` scores
-its ``best.pt`` on a test store.
+its ``best.pt`` on a test store. What a model is (kinds, options, settings, names) lives in
+:mod:`smoe.train.gated_spec`.
 
-Training: minibatches (``batch_size`` 512) of images scaled to [0, 1] float32, shuffled by
-the trainer's seeded generator, Adam (lr 1e-3, weight decay 1e-3), the variant's
-:func:`smoe.models.gated.gated_loss` plus the model options' regularisers (``importance:
-w`` adds :func:`importance_loss`, ``similarity: {beta_s, beta_d, features}`` adds
-:func:`sample_similarity_loss`, on pixel distances or, with ``features`` (the path of a
-trained ``gated_single``'s ``best.pt``), on distances between that network's last hidden
-features; both off by default). The stochastic variant draws its
-training routes from the trainer's generator too, so a resumed run draws what an
-uninterrupted one would. Validation on the val store: ``val_accuracy`` (percent),
-``val_loss`` and, for the MoE, ``val_usage_entropy`` and ``val_sample_entropy`` (bits); the
-epoch of best ``val_accuracy`` is kept (ties: the earlier).
+Training: minibatches (``batch_size``, the paper 512) of images scaled to [0, 1] and
+normalised per channel as the official code (:data:`smoe.data.images.NORMALIZATION`;
+CIFAR-10 training batches are also flipped and cropped at random, :func:`augment_cifar`),
+shuffled by the trainer's seeded generator; Adam (lr 1e-3, the kind's weight decay, no
+schedule) on the variant's loss (:func:`smoe.models.gated.gated_loss`; a single model: CE of
+its probabilities) plus the options' regularisers computed from the pass's gate weights
+(``importance: w`` adds :func:`importance_loss`, ``similarity`` adds
+:func:`sample_similarity_loss`). The stochastic variant draws its training routes from the
+trainer's ``routes`` stream, CIFAR-10's augmentation from its ``augment`` stream, each a
+generator on the training device saved in ``last.pt`` (a resumed run draws what an
+uninterrupted one would). Validation on the val store each epoch: ``val_accuracy``
+(percent), ``val_loss`` and, for the MoE, the usage and sample entropies (bits). By default
+the last epoch's model is kept and tested (``select.mode: last``), and the metrics record the
+last epoch's validation accuracy, which the published selection rule reads.
 
-Kinds (:data:`GATED_KINDS`) and their options:
-
-* ``gated_moe``: ``experts`` (10), ``variant`` (expectation), ``top_k`` (1), ``attentive``
-  (false), ``temperature`` (1.0), ``importance`` (null), ``similarity`` (null);
-* ``gated_single``: ``params_budget`` (``"match"``: the parameter count of the MoE of the
-  options ``experts`` (10) and ``attentive`` (false) for the same input) ;
-* ``gated_distilled``: ``teacher`` (path of a trained MoE's ``best.pt``, typically an
-  attentive one), ``variant`` and ``top_k`` (null: the teacher's), ``importance``,
-  ``similarity``: a plain gate trained on the teacher's frozen experts
-  (:func:`smoe.models.gated.distill_gate`); only the gate's parameters are optimised.
-
-Evaluation predicts as the model does in evaluation mode (the mixture for expectation /
-top-k, the argmax expert's output for stochastic / em) and routes every sample to the
-argmax of p(.|x) for the routing matrix and the mutual information.
-
-Train settings (``spec.train``; :data:`TRAIN_DEFAULTS`): ``epochs`` 100, ``batch_size`` 512,
-``lr`` 1e-3, ``weight_decay`` 1e-3, ``select`` ``{metric: val_accuracy, mode: max}``,
-``device`` ``cpu`` | ``cuda`` | ``auto``, ``precision`` (``fp32`` only), ``threads`` 1,
-``deterministic`` true, ``progress`` true, ``checkpoint_every`` 1, ``stop_at`` and
-``early_stop`` (null: off). ``progress`` and ``checkpoint_every`` change no result.
+Evaluation predicts as the model does in evaluation mode and routes every sample to the
+argmax of its gate weights for the routing matrix and I(E;Y) (Y: that expert's predicted
+class); the entropies follow the published conventions
+(:func:`smoe.train.gated_metrics.specialisation_metrics`).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Mapping
@@ -51,20 +38,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import ModelSpec
 from smoe.data.image_store import ImageData, open_image_split
-from smoe.data.images import CLASSES
+from smoe.data.images import CLASSES, NORMALIZATION
 from smoe.errors import InputError
 from smoe.models.gated import (
-    VARIANTS,
     GatedMoE,
     SingleModel,
-    distill_gate,
+    architecture_of,
+    cross_entropy,
     gated_loss,
+    hard_routing,
     importance_loss,
-    moe_parameter_count,
     parameter_count,
     sample_similarity_loss,
     trainable_parameters,
@@ -75,21 +63,33 @@ from smoe.train.device import resolve_device
 from smoe.train.evaluate import write_json
 from smoe.train.gated_metrics import (
     accuracy,
-    mutual_information,
-    per_task_entropy,
     routing_matrix,
-    sample_entropy,
-    usage_entropy,
+    specialisation_metrics,
+)
+from smoe.train.gated_spec import (
+    FAMILY,
+    GATED_KINDS,
+    NOT_IDENTITY,
+    TRAIN_DEFAULTS,
+    architecture,
+    build_gated_model,
+    gated_label,
+    gated_options,
+    rebuild,
+    resolve_gated_spec,
+    seed_options,
+    weight_decay,
 )
 from smoe.train.loop import TaskTrainer, TrainingError, TrainingTask
 
 __all__ = [
     "GATED_KINDS",
-    "gated_label",
     "GatedTask",
     "TRAIN_DEFAULTS",
-    "build_gated_model",
+    "augment_cifar",
     "evaluate_gated_checkpoint",
+    "gated_label",
+    "image_tensor",
     "resolve_gated_spec",
     "run_gated_seeds",
     "seed_options",
@@ -97,109 +97,66 @@ __all__ = [
     "write_json",
 ]
 
-FAMILY = "gated"
-GATED_KINDS = ("gated_moe", "gated_single", "gated_distilled")
-
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 100,
-    "batch_size": 512,
-    "lr": 1e-3,
-    "weight_decay": 1e-3,
-    "select": {"metric": "val_accuracy", "mode": "max"},
-    "device": "cpu",
-    "precision": "fp32",
-    "threads": 1,
-    "deterministic": True,
-    "progress": True,
-    "stop_at": None,
-    "early_stop": None,
-    "checkpoint_every": 1,
-    "processes": 1,
-}
-"""Every train setting of the gated family with its default (the paper's where it has one)."""
-
-MOE_OPTIONS: dict[str, Any] = {
-    "experts": 10,
-    "variant": "expectation",
-    "top_k": 1,
-    "attentive": False,
-    "temperature": 1.0,
-    "importance": None,
-    "similarity": None,
-}
-SINGLE_OPTIONS: dict[str, Any] = {"params_budget": "match", "experts": 10, "attentive": False}
-DISTILLED_OPTIONS: dict[str, Any] = {
-    "teacher": None,
-    "variant": None,
-    "top_k": None,
-    "importance": None,
-    "similarity": None,
-}
-OPTIONS = {"gated_moe": MOE_OPTIONS, "gated_single": SINGLE_OPTIONS}
-OPTIONS["gated_distilled"] = DISTILLED_OPTIONS
-
-SIMILARITY_KEYS = {"beta_s", "beta_d", "features"}
-
-NOT_IDENTITY = ("progress", "checkpoint_every", "processes")
-"""Train settings that cannot change a result, so a ``last.pt`` is resumed across them."""
-
 EVAL_BATCH = 2048
+CROP_PADDING = 4
+"""CIFAR-10 training crops: 32 x 32 out of the image reflect-padded by 4 on every side."""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+# -- data --------------------------------------------------------------------------------
 
 
-def _options(kind: str, options: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """The options of ``kind`` with defaults filled in; unknown keys and bad regularisers
-    raise InputError."""
-    known = OPTIONS[kind]
-    given = dict(options or {})
-    for key in given:
-        if key not in known:
-            raise InputError(
-                f"{where}: option {key!r} is not an option of {kind}; known: {', '.join(known)}"
-            )
-    merged = {**copy.deepcopy(known), **given}
-    weight = merged.get("importance")
-    if weight is not None and (not _is_number(weight) or weight < 0):
-        raise InputError(
-            f"{where}: option importance must be a number >= 0 or null, got {weight!r}"
-        )
-    similarity = merged.get("similarity")
-    if similarity is not None:
-        if not isinstance(similarity, Mapping) or set(similarity) - SIMILARITY_KEYS:
-            raise InputError(
-                f"{where}: option similarity must be a mapping of beta_s, beta_d and "
-                f"features, got {similarity!r}"
-            )
-        for key in ("beta_s", "beta_d"):
-            if not _is_number(similarity.get(key, 0.0)):
-                raise InputError(f"{where}: option similarity.{key} must be a number")
-        features = similarity.get("features")
-        if features is not None and not isinstance(features, str | Path):
-            raise InputError(
-                f"{where}: option similarity.features must be null (pixel distances) or the "
-                f"path of a trained gated_single's best.pt, got {features!r}"
-            )
-    return merged
+def image_tensor(data: ImageData) -> torch.Tensor:
+    """Images as float32 [N, C, H, W]: pixels / 255, then normalised per channel as the
+    official code normalises the data set (digits stay in [0, 1])."""
+    x = torch.from_numpy(data.image.astype(np.float32) / 255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+    normalization = NORMALIZATION[data.dataset]
+    if normalization is None:
+        return x
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalization)
+    return (x - mean) / std
 
 
-def _feature_network(path: Any, where: str) -> tuple[dict[str, Any], SingleModel]:
-    """A trained single network whose last hidden layer measures sample distances."""
+def augment_cifar(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The official CIFAR-10 training augmentation on a batch [N, C, H, W]: each image
+    flipped left-right with probability 1/2, then a random H x W crop of it reflect-padded by
+    :data:`CROP_PADDING`; every draw from ``generator`` (on the batch's device)."""
+    n, _, height, width = x.shape
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (CROP_PADDING,) * 4, mode="reflect")
+    top = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=x.device)
+    left = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=x.device)
+    rows = (top.view(n, 1) + torch.arange(height, device=x.device)).view(n, 1, height, 1)
+    cols = (left.view(n, 1) + torch.arange(width, device=x.device)).view(n, 1, 1, width)
+    samples = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    channels = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return padded[samples, channels, rows, cols]
+
+
+def _open(path: Path, split: str) -> ImageData:
+    data = open_image_split(path)
+    if data.split != split:
+        raise InputError(f"store {str(path)!r} holds the {data.split} split, not {split}")
+    return data
+
+
+# -- the checkpoints a model builds on ---------------------------------------------------
+
+
+def _trained(path: Any, where: str, role: str, kind: str) -> tuple[dict[str, Any], nn.Module]:
+    """The checkpoint and model of a trained model another one builds on (``role``: the
+    option naming it, ``kind``: moe or single)."""
+    if not isinstance(path, str | Path):
+        raise InputError(f"{where}: option {role} must be the path of a trained model's best.pt")
     saved = load_checkpoint(Path(path))
     info = saved.get("data") or {}
     arch = info.get("architecture") or {}
-    if info.get("family") != FAMILY or arch.get("type") != "single" or "val_metrics" not in saved:
-        raise InputError(
-            f"{where}: similarity.features {str(path)!r} is not the best.pt of a trained "
-            "gated_single"
-        )
+    if info.get("family") != FAMILY or arch.get("type") != kind or "val_metrics" not in saved:
+        what = "gated MoE" if kind == "moe" else "gated_single"
+        raise InputError(f"{where}: {role} {str(path)!r} is not the best.pt of a trained {what}")
     model = rebuild(arch)
     model.load_state_dict(saved["model"])
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
     return saved, model
 
 
@@ -221,242 +178,22 @@ def _weights_record(saved: Mapping[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def feature_distances(network: SingleModel, x: torch.Tensor) -> torch.Tensor:
     """D_ij = ||h(x_i) - h(x_j)|| / max over the batch, h the network's 32-d last hidden
-    layer: the sample-similarity loss's distances measured in a trained network's features."""
+    layer: the similarity loss's distances in a trained network's features (our
+    alternative to the published pixel distances)."""
     features = network.net(x)[1]
     distances = torch.cdist(features, features)
     top = distances.max()
     return distances / top if top > 0 else distances
 
 
-def _teacher(path: Any, where: str) -> tuple[dict[str, Any], GatedMoE]:
-    """A trained MoE's checkpoint and model, from the ``teacher`` option."""
-    if not isinstance(path, str | Path):
-        raise InputError(f"{where}: option teacher must be the path of a gated MoE's best.pt")
-    saved = load_checkpoint(Path(path))
-    info = saved.get("data") or {}
-    arch = info.get("architecture") or {}
-    if info.get("family") != FAMILY or arch.get("type") != "moe" or "val_metrics" not in saved:
-        raise InputError(
-            f"{where}: teacher {str(path)!r} is not the best.pt of a trained gated MoE"
-        )
-    model = GatedMoE(**_moe_args(arch["args"]))
-    model.load_state_dict(saved["model"])
-    return saved, model
-
-
-def _moe_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    args = dict(args)
-    args["in_shape"] = tuple(args["in_shape"])
-    return args
-
-
-def build_gated_model(
-    kind: str, options: Mapping[str, Any] | None, in_shape: tuple[int, ...], classes: int
-) -> nn.Module:
-    """The model of ``kind`` with ``options`` (see the module docstring) for images of
-    ``in_shape`` (C, H, W) and ``classes`` classes. ``gated_distilled`` reads its teacher."""
-    where = f"kind {kind}"
-    if kind not in GATED_KINDS:
-        raise InputError(f"kind {kind!r} is not a gated model; known: {', '.join(GATED_KINDS)}")
-    opts = _options(kind, options, where)
-    in_shape = tuple(int(n) for n in in_shape)
-    if kind == "gated_moe":
-        return GatedMoE(
-            in_shape,
-            classes,
-            experts=opts["experts"],
-            variant=opts["variant"],
-            top_k=opts["top_k"],
-            attentive=opts["attentive"],
-            temperature=opts["temperature"],
-        )
-    if kind == "gated_single":
-        budget = opts["params_budget"]
-        if budget == "match":
-            budget = moe_parameter_count(
-                in_shape, classes, experts=opts["experts"], attentive=opts["attentive"]
-            )
-        return SingleModel(in_shape, classes, budget)
-    _, teacher = _teacher(opts["teacher"], where)
-    if tuple(teacher.in_shape) != in_shape or teacher.classes != classes:
-        raise InputError(
-            f"{where}: teacher {opts['teacher']!r} was trained on images {teacher.in_shape} "
-            f"of {teacher.classes} classes, these are {in_shape} of {classes}"
-        )
-    if opts["variant"] is not None and opts["variant"] not in VARIANTS:
-        raise InputError(f"{where}: unknown variant {opts['variant']!r}")
-    return distill_gate(teacher, variant=opts["variant"], top_k=opts["top_k"])
-
-
-def architecture(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model`` without its options (a distilled one without its teacher)."""
-    if isinstance(model, GatedMoE):
-        return {
-            "type": "moe",
-            "args": {
-                "in_shape": list(model.in_shape),
-                "classes": model.classes,
-                "experts": model.n_experts,
-                "variant": model.variant,
-                "top_k": model.top_k,
-                "attentive": model.attentive,
-                "temperature": model.temperature,
-            },
-        }
-    assert isinstance(model, SingleModel)
-    trunk = model.net.trunk
-    return {
-        "type": "single",
-        "args": {
-            "in_shape": list(trunk.in_shape),
-            "classes": model.net.out.out_features,
-            "params_budget": parameter_count(model),
-        },
-    }
-
-
-def rebuild(arch: Mapping[str, Any]) -> nn.Module:
-    if arch["type"] == "moe":
-        return GatedMoE(**_moe_args(arch["args"]))
-    args = arch["args"]
-    return SingleModel(tuple(args["in_shape"]), args["classes"], args["params_budget"])
-
-
-# -- specs -------------------------------------------------------------------------------
-
-
-def gated_label(kind: str, options: Mapping[str, Any], teacher_attentive: bool = False) -> str:
-    """The paper's name of a configured model, e.g. ``top-2 + L_imp``, ``attentive
-    stochastic``, ``distilled attentive + L_imp`` or ``single``: the key that puts the
-    published figure beside ours, whatever the model is called in the config."""
-    if kind == "gated_single":
-        return "single"
-    defaults = MOE_OPTIONS if kind == "gated_moe" else DISTILLED_OPTIONS
-    opts = {**defaults, **dict(options or {})}
-    if kind == "gated_distilled":
-        name = "distilled attentive" if teacher_attentive else "distilled"
-    else:
-        variant, top_k = opts["variant"], opts["top_k"]
-        name = {"expectation": "expectation", "stochastic": "stochastic", "em": "EM"}.get(
-            variant, f"top-{top_k}"
-        )
-        if opts["attentive"]:
-            name = f"attentive {name}"
-    if opts.get("importance"):
-        name += " + L_imp"
-    if opts.get("similarity"):
-        name += " + L_s"
-    return name
-
-
-def _check_settings(name: str, train: dict[str, Any]) -> None:
-    where = f"model {name!r}: train"
-    for key in ("epochs", "batch_size", "checkpoint_every", "processes"):
-        value = train[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{where}.{key} must be a positive integer, got {value!r}")
-    for key in ("lr", "weight_decay"):
-        if not _is_number(train[key]) or train[key] < 0:
-            raise InputError(f"{where}.{key} must be a number >= 0, got {train[key]!r}")
-    if train["stop_at"] is not None and not _is_number(train["stop_at"]):
-        raise InputError(f"{where}.stop_at must be a number or null, got {train['stop_at']!r}")
-    early = train["early_stop"]
-    if early is not None and (isinstance(early, bool) or not isinstance(early, int) or early < 0):
-        raise InputError(f"{where}.early_stop must be an integer >= 0 or null, got {early!r}")
-    if train["device"] not in ("cpu", "cuda", "auto"):
-        raise InputError(f"{where}.device must be cpu, cuda or auto, got {train['device']!r}")
-    if train["precision"] != "fp32":
-        raise InputError(f"{where}.precision must be fp32, got {train['precision']!r}")
-    threads = train["threads"]
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 0
-    ):
-        raise InputError(f"{where}.threads must be an integer >= 0 or null, got {threads!r}")
-    for key in ("deterministic", "progress"):
-        if not isinstance(train[key], bool):
-            raise InputError(f"{where}.{key} must be true or false, got {train[key]!r}")
-    select = train["select"]
-    if not isinstance(select.get("metric"), str) or select.get("mode") not in ("min", "max"):
-        raise InputError(f"{where}.select must hold a metric name and mode min or max")
-
-
-def resolve_gated_spec(spec: ModelSpec | Mapping[str, Any]) -> ModelSpec:
-    """The spec with every train default filled in and checked (InputError naming the key).
-    A mapping may leave out ``options``, ``train``, ``data`` and ``evaluate``."""
-    if isinstance(spec, ModelSpec):
-        spec = spec.to_dict()
-    if not isinstance(spec, Mapping):
-        raise InputError(f"a model spec must be a mapping, got {type(spec).__name__}")
-    for key in ("name", "kind"):
-        if not isinstance(spec.get(key), str):
-            raise InputError(f"model spec: {key} must be a string, got {spec.get(key)!r}")
-    name, kind = spec["name"], spec["kind"]
-    if kind not in GATED_KINDS:
-        raise InputError(
-            f"model {name!r}: kind {kind!r} is not a gated model; known: {', '.join(GATED_KINDS)}"
-        )
-    sections = {}
-    for key in ("options", "train", "data", "evaluate"):
-        value = spec.get(key) or {}
-        if not isinstance(value, Mapping):
-            raise InputError(f"model {name!r}: {key} must be a mapping, got {value!r}")
-        sections[key] = copy.deepcopy(dict(value))
-    for section, known in (("train", TRAIN_DEFAULTS), ("data", {}), ("evaluate", {})):
-        for key in sections[section]:
-            if key not in known:
-                raise InputError(
-                    f"model {name!r}: {section}.{key} is not a setting of the gated family; "
-                    f"known: {', '.join(known) or 'none'}"
-                )
-    given = sections["train"]
-    select = given.pop("select", None) or {}
-    if not isinstance(select, Mapping):
-        raise InputError(f"model {name!r}: train.select must be a mapping, got {select!r}")
-    train = {**copy.deepcopy(TRAIN_DEFAULTS), **given}
-    train["select"] = {**TRAIN_DEFAULTS["select"], **select}
-    _check_settings(name, train)
-    options = _options(kind, sections["options"], f"model {name!r}")
-    if kind == "gated_distilled":
-        if not isinstance(options["teacher"], str) or not options["teacher"]:
-            raise InputError(
-                f"model {name!r}: option teacher must be the path of a trained gated MoE's "
-                f"best.pt, got {options['teacher']!r}"
-            )
-        if options["variant"] is not None and options["variant"] not in VARIANTS:
-            raise InputError(
-                f"model {name!r}: unknown variant {options['variant']!r}; valid: "
-                f"{', '.join(VARIANTS)}"
-            )
-    else:  # options checked on a small stand-in input before any work
-        try:
-            build_gated_model(kind, sections["options"], (1, 8, 8), CLASSES)
-        except InputError as exc:
-            raise InputError(f"model {name!r}: {exc}") from exc
-    return ModelSpec(name, kind, sections["options"], train, sections["data"], sections["evaluate"])
-
-
-# -- data --------------------------------------------------------------------------------
-
-
-def image_tensor(data: ImageData) -> torch.Tensor:
-    """Images as float32 [N, C, H, W] in [0, 1]."""
-    x = torch.from_numpy(data.image.astype(np.float32) / 255.0)
-    if x.dim() == 3:
-        return x.unsqueeze(1)
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
-def _open(path: Path, split: str) -> ImageData:
-    data = open_image_split(path)
-    if data.split != split:
-        raise InputError(f"store {str(path)!r} holds the {data.split} split, not {split}")
-    return data
+# -- evaluation-mode outputs -------------------------------------------------------------
 
 
 @torch.no_grad()
 def gated_outputs(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> dict[str, Any]:
-    """Evaluation-mode outputs on ``x`` in batches: ``log_probs`` [N, C] and for the MoE
-    ``p`` [N, E], ``choice`` (argmax of p) and ``expert_pred`` (the chosen expert's class)."""
+    """Evaluation-mode outputs on ``x`` in batches: ``output`` [N, C] (class probabilities)
+    and for the MoE ``weights`` [N, E], ``choice`` (their argmax) and ``expert_pred`` (the
+    chosen expert's own class)."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
@@ -464,13 +201,13 @@ def gated_outputs(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) ->
         for start in range(0, x.shape[0], batch):
             out = model(x[start : start + batch])
             if isinstance(out, torch.Tensor):
-                parts.setdefault("log_probs", []).append(out.float())
+                parts.setdefault("output", []).append(out.float())
                 continue
             rows = torch.arange(out["choice"].shape[0], device=x.device)
-            chosen = out["expert_log_probs"][rows, out["choice"]]
+            chosen = out["expert_probs"][rows, out["choice"]]
             for key, value in (
-                ("log_probs", out["log_probs"].float()),
-                ("p", out["p"].float()),
+                ("output", out["output"].float()),
+                ("weights", out["weights"].float()),
                 ("choice", out["choice"]),
                 ("expert_pred", chosen.argmax(dim=-1)),
             ):
@@ -492,7 +229,7 @@ class GatedTask(TrainingTask):
         super().__init__(resolve_gated_spec(spec))
         self.train_store, self.val_store = Path(train_store), Path(val_store)
         self.checkpoint_every = self.settings["checkpoint_every"]
-        self.options = _options(self.spec.kind, self.spec.options, f"model {self.spec.name!r}")
+        self.options = gated_options(self.spec.kind, self.spec.options, f"model {self.spec.name!r}")
 
     def load(self, device: torch.device) -> None:
         train, val = _open(self.train_store, "train"), _open(self.val_store, "val")
@@ -502,29 +239,43 @@ class GatedTask(TrainingTask):
                 f"data sets or image shapes"
             )
         self.train_data, self.val_data = train, val
+        self.architecture_name = architecture_of(train.dataset)
+        self.augment = train.dataset == "cifar10"
         self.x, self.y = image_tensor(train).to(device), torch.from_numpy(train.label).to(device)
         self.val_x = image_tensor(val).to(device)
         self.val_y = torch.from_numpy(val.label).to(device)
         self.in_shape = tuple(int(n) for n in self.x.shape[1:])
         self.provenance = {"train": train.provenance, "val": val.provenance}
         where = f"model {self.spec.name!r}"
+        self.teacher = None
         if self.spec.kind == "gated_distilled":
-            saved, _ = _teacher(self.options["teacher"], where)
+            saved, self.teacher = _trained(self.options["teacher"], where, "teacher", "moe")
             self.provenance["teacher"] = _weights_record(saved)
+            self.teacher_options = (saved.get("spec") or {}).get("options") or {}
         self.features = None
         features = (self.options.get("similarity") or {}).get("features")
         if features is not None:
-            saved, network = _feature_network(features, where)
+            saved, network = _trained(features, where, "similarity.features", "single")
             if tuple(network.net.trunk.in_shape) != self.in_shape:
                 raise InputError(
                     f"{where}: similarity.features {str(features)!r} was trained on images "
                     f"{tuple(network.net.trunk.in_shape)}, these are {self.in_shape}"
                 )
+            network.eval()
+            for param in network.parameters():
+                param.requires_grad_(False)
             self.features = network.to(device)
             self.provenance["features"] = _weights_record(saved)
 
     def build_model(self) -> nn.Module:
-        model = build_gated_model(self.spec.kind, self.spec.options, self.in_shape, CLASSES)
+        model = build_gated_model(
+            self.spec.kind,
+            self.spec.options,
+            self.in_shape,
+            CLASSES,
+            self.architecture_name,
+            self.teacher,
+        )
         self.architecture = architecture(model)
         return model
 
@@ -532,7 +283,7 @@ class GatedTask(TrainingTask):
         return torch.optim.Adam(
             trainable_parameters(model),
             lr=self.settings["lr"],
-            weight_decay=self.settings["weight_decay"],
+            weight_decay=weight_decay(self.spec.kind, self.settings),
         )
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
@@ -554,10 +305,13 @@ class GatedTask(TrainingTask):
             "in_shape": list(self.in_shape),
             "classes": CLASSES,
             "architecture": self.architecture,
+            "normalization": NORMALIZATION[self.train_data.dataset],
+            "augment": self.augment,
             "train_store": str(self.train_store),
             "val_store": str(self.val_store),
             "train_samples": len(self.train_data),
             "val_samples": len(self.val_data),
+            "teacher_options": getattr(self, "teacher_options", None),
         }
 
     def summary_info(self) -> dict[str, Any]:
@@ -569,65 +323,65 @@ class GatedTask(TrainingTask):
         }
 
     # -- one epoch -----------------------------------------------------------------------
+    def _batch(self, trainer: TaskTrainer, index: torch.Tensor) -> torch.Tensor:
+        x = self.x[index]
+        return augment_cifar(x, trainer.stream("augment")) if self.augment else x
+
+    def _loss(self, out: Any, y: torch.Tensor) -> torch.Tensor:
+        """The model's own loss: its variant's for an MoE, CE of the probabilities for a
+        single model."""
+        return cross_entropy(out, y) if isinstance(out, torch.Tensor) else gated_loss(out, y)
+
+    def _regularisers(self, weights: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The options' regularisers of one batch, from its gate ``weights`` and inputs."""
+        extra = {}
+        if self.options.get("importance"):
+            extra["importance"] = importance_loss(weights, self.options["importance"])
+        similarity = self.options.get("similarity")
+        if similarity:
+            distances = None if self.features is None else feature_distances(self.features, x)
+            extra["similarity"] = sample_similarity_loss(
+                weights, x, similarity.get("beta_s", 0.0), similarity.get("beta_d", 0.0), distances
+            )
+        return extra
+
+    def _check_finite(self, total: torch.Tensor, epoch: int, step: int) -> None:
+        if not math.isfinite(float(total.detach())):
+            raise TrainingError(
+                f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at "
+                f"epoch {epoch}, step {step}; lower train.lr or check the data"
+            )
+
     def train_epoch(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
         if trainer.world.multi:
             return self._train_epoch_shared(trainer, epoch)
         model, optimizer = trainer.model, trainer.optimizer
         model.train()
-        moe = isinstance(model, GatedMoE)
-        if moe:
-            model.generator = trainer.generator  # stochastic routes: seeded, checkpointed
-        weight = self.options.get("importance")
-        similarity = self.options.get("similarity")
+        if isinstance(model, GatedMoE):
+            model.generator = trainer.stream("routes")
         n = self.x.shape[0]
         order = torch.randperm(n, generator=trainer.generator).to(self.x.device)
-        totals = {"loss": 0.0, "importance": 0.0, "similarity": 0.0}
+        totals: dict[str, float] = {"loss": 0.0}
         correct, steps = 0, 0
         for start in range(0, n, self.settings["batch_size"]):
             index = order[start : start + self.settings["batch_size"]]
-            x, y = self.x[index], self.y[index]
+            x, y = self._batch(trainer, index), self.y[index]
             out = model(x)
-            if moe:
-                loss = gated_loss(out, y, model.variant)
-                log_probs = out["log_probs"]
-            else:
-                log_probs = out
-                loss = torch.nn.functional.nll_loss(out, y)
-            total = loss
-            if moe and weight:
-                imp = importance_loss(out["p"], weight)
-                total = total + imp
-                totals["importance"] += float(imp.detach())
-            if moe and similarity:
-                distances = None
-                if self.features is not None:
-                    distances = feature_distances(self.features, x)
-                sim = sample_similarity_loss(
-                    out["p"],
-                    x,
-                    similarity.get("beta_s", 0.0),
-                    similarity.get("beta_d", 0.0),
-                    distances,
-                )
-                total = total + sim
-                totals["similarity"] += float(sim.detach())
-            value = float(total.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at "
-                    f"epoch {epoch}, step {steps}; lower train.lr or check the data"
-                )
+            loss = self._loss(out, y)
+            extra = {} if isinstance(out, torch.Tensor) else self._regularisers(out["weights"], x)
+            total = loss + sum(extra.values()) if extra else loss
+            self._check_finite(total, epoch, steps)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             totals["loss"] += float(loss.detach())
-            correct += int((log_probs.detach().argmax(dim=-1) == y).sum())
+            for key, value in extra.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            output = out if isinstance(out, torch.Tensor) else out["output"]
+            correct += int((output.detach().argmax(dim=-1) == y).sum())
             steps += 1
-        row = {"train_loss": totals["loss"] / steps, "train_accuracy": 100.0 * correct / n}
-        if moe and weight:
-            row["train_importance"] = totals["importance"] / steps
-        if moe and similarity:
-            row["train_similarity"] = totals["similarity"] / steps
+        row = {"train_loss": totals.pop("loss") / steps, "train_accuracy": 100.0 * correct / n}
+        row.update({f"train_{key}": value / steps for key, value in totals.items()})
         return row
 
     def _train_epoch_shared(self, trainer: TaskTrainer, epoch: int) -> dict[str, float]:
@@ -636,10 +390,10 @@ class GatedTask(TrainingTask):
 
         Every process draws the same batch order; the mean losses are weighted by the share
         (DDP averages the gradients); what is computed over the whole batch sees the whole
-        batch: the regularisers get every process's p(.|x) (the others' as constants, this
-        share's with its gradient, so the summed gradient is the whole batch's), and the
-        stochastic variant's routes are drawn on the whole batch's p from the trainer's
-        generator, as one process draws them.
+        batch: the regularisers get every process's gate weights (the others' as constants,
+        this share's with its gradient, so the summed gradient is the whole batch's), and
+        the stochastic variant's routes are drawn on the whole batch's weights from the
+        ``routes`` stream, as one process draws them.
         """
         model, optimizer, world = trainer.model, trainer.optimizer, trainer.world
         net = trainer.train_model
@@ -648,83 +402,71 @@ class GatedTask(TrainingTask):
         stochastic = moe and model.variant == "stochastic"
         if moe:  # the model's own draws are redone below on the whole batch
             model.generator = torch.Generator(device=self.x.device).manual_seed(0)
-        weight = self.options.get("importance")
-        similarity = self.options.get("similarity")
-        gather = moe and bool(weight or similarity or stochastic)
+        gather = moe and bool(
+            self.options.get("importance") or self.options.get("similarity") or stochastic
+        )
         n, batch_size = self.x.shape[0], self.settings["batch_size"]
         distributed.check_batches(n, batch_size, world, f"model {self.spec.name!r}")
         order = torch.randperm(n, generator=trainer.generator).to(self.x.device)
         sums = torch.zeros(2, dtype=torch.float64)  # share-weighted loss, correct
-        totals = {"importance": 0.0, "similarity": 0.0}
+        totals: dict[str, float] = {}
         steps = 0
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
+            x_all = self._batch(trainer, index)
             low, high = distributed.share(len(index), world)
-            x, y = self.x[index[low:high]], self.y[index[low:high]]
+            x, y = x_all[low:high], self.y[index[low:high]]
             share = (high - low) / len(index)
             out = net(x)
-            if moe:
-                loss = gated_loss(out, y, model.variant)
-                log_probs = out["log_probs"]
-            else:
-                log_probs = out
-                loss = torch.nn.functional.nll_loss(out, y)
-            total = loss * (share * world.size)
+            weights = None
             if gather:
                 sizes = distributed.share_sizes(len(index), world.size)
-                p_all = distributed.gather_rows(out["p"].detach(), sizes)
-                p = torch.cat([p_all[:low], out["p"], p_all[high:]])
+                w_all = distributed.gather_rows(out["weights"].detach(), sizes)
+                weights = torch.cat([w_all[:low], out["weights"], w_all[high:]])
+            output = out if isinstance(out, torch.Tensor) else out["output"]
             if stochastic:
-                choice = torch.multinomial(p_all, 1, generator=trainer.generator).squeeze(1)
+                routes = trainer.stream("routes")
+                choice = torch.multinomial(w_all, 1, generator=routes).squeeze(1)
                 rows = torch.arange(high - low, device=x.device)
-                log_probs = out["expert_log_probs"][rows, choice[low:high]]
-            if moe and weight:
-                imp = importance_loss(p, weight)
-                total = total + imp * world.size
-                totals["importance"] += float(imp.detach())
-            if moe and similarity:
-                x_all = self.x[index]
-                distances = None
-                if self.features is not None:
-                    distances = feature_distances(self.features, x_all)
-                sim = sample_similarity_loss(
-                    p,
-                    x_all,
-                    similarity.get("beta_s", 0.0),
-                    similarity.get("beta_d", 0.0),
-                    distances,
-                )
-                total = total + sim * world.size
-                totals["similarity"] += float(sim.detach())
-            if not math.isfinite(float(total.detach())):
-                raise TrainingError(
-                    f"model {self.spec.name!r}: the loss became non-finite (NaN or Inf) at "
-                    f"epoch {epoch}, step {steps}; lower train.lr or check the data"
-                )
+                output = out["expert_probs"][rows, choice[low:high]]
+            loss = self._loss(out, y)  # this share's; the regularisers see the whole batch
+            extra = self._regularisers(weights, x_all) if gather else {}
+            total = loss * (share * world.size)
+            for value in extra.values():
+                total = total + value * world.size
+            self._check_finite(total, epoch, steps)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             sums[0] += float(loss.detach()) * share
-            sums[1] += int((log_probs.detach().argmax(dim=-1) == y).sum())
+            sums[1] += int((output.detach().argmax(dim=-1) == y).sum())
+            for key, value in extra.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
             steps += 1
         sums = distributed.all_reduce_sum(sums.to(self.x.device)).cpu()
         row = {"train_loss": float(sums[0]) / steps, "train_accuracy": 100.0 * float(sums[1]) / n}
-        if moe and weight:
-            row["train_importance"] = totals["importance"] / steps
-        if moe and similarity:
-            row["train_similarity"] = totals["similarity"] / steps
+        row.update({f"train_{key}": value / steps for key, value in totals.items()})
         return row
 
     def validate(self, trainer: TaskTrainer) -> dict[str, float]:
         model = trainer.model
         out = gated_outputs(model, self.val_x)
         metrics = {
-            "val_accuracy": accuracy(out["log_probs"], self.val_y),
-            "val_loss": float(torch.nn.functional.nll_loss(out["log_probs"], self.val_y)),
+            "val_accuracy": accuracy(out["output"], self.val_y),
+            "val_loss": float(cross_entropy(out["output"], self.val_y)),
         }
-        if "p" in out:
-            metrics["val_usage_entropy"] = usage_entropy(out["p"])
-            metrics["val_sample_entropy"] = sample_entropy(out["p"])
+        if "weights" in out:
+            scores = specialisation_metrics(
+                out["weights"].cpu().numpy(),
+                out["choice"].cpu().numpy(),
+                out["expert_pred"].cpu().numpy(),
+                self.val_y.cpu().numpy(),
+                model.n_experts,
+                CLASSES,
+                model.hard,
+            )
+            metrics["val_usage_entropy"] = scores["usage_entropy"]
+            metrics["val_sample_entropy"] = scores["sample_entropy"]
         return metrics
 
 
@@ -746,11 +488,26 @@ def train_gated(
     return TaskTrainer(task, seed, out_dir, show).run()
 
 
+def _stored_shape(in_shape: list[int]) -> list[int]:
+    """The store's image shape of a model input (C, H, W): (H, W) grey, (H, W, C) colour."""
+    channels, height, width = in_shape
+    return [height, width] if channels == 1 else [height, width, channels]
+
+
+def _last_val_accuracy(saved: Mapping[str, Any]) -> float | None:
+    """The last epoch's validation accuracy (the published selection rule's figure)."""
+    row = saved.get("last_row") or {}
+    value = row.get("val_accuracy")
+    return None if value is None else float(value)
+
+
 def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) -> dict[str, Any]:
     """Scores of a gated model's ``best.pt`` on a test store (one float32 pass in evaluation
     mode): test accuracy (percent) and, for MoEs, the specialisation metrics in bits and the
-    routing matrix (counts [experts, classes]), every sample routed to the argmax of p(.|x).
-    The test store must hold the data set and image shape the model was trained on."""
+    routing matrix (counts [experts, classes]), every sample routed to the argmax of its
+    gate weights; and the last epoch's validation accuracy, which the published selection
+    rule reads. The test store must hold the data set and image shape the model was
+    trained on."""
     checkpoint, test_store = Path(checkpoint), Path(test_store)
     saved = load_checkpoint(checkpoint)
     info = saved.get("data") or {}
@@ -776,7 +533,7 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
     out = {k: v.cpu().numpy() for k, v in gated_outputs(model, x).items()}
     classes = int(info["classes"])
     metrics: dict[str, Any] = {
-        "test_accuracy": accuracy(out["log_probs"], labels),
+        "test_accuracy": accuracy(out["output"], labels),
         "mutual_information": None,
         "sample_entropy": None,
         "usage_entropy": None,
@@ -786,29 +543,40 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
     if isinstance(model, GatedMoE):
         experts, variant = model.n_experts, model.variant
         top_k, attentive = model.top_k, model.attentive
-        metrics["mutual_information"] = mutual_information(
-            out["choice"], out["expert_pred"], experts, classes
+        metrics.update(
+            specialisation_metrics(
+                out["weights"],
+                out["choice"],
+                out["expert_pred"],
+                labels,
+                experts,
+                classes,
+                model.hard,
+            )
         )
-        metrics["sample_entropy"] = sample_entropy(out["p"])
-        metrics["usage_entropy"] = usage_entropy(out["p"])
-        metrics["per_task_entropy"] = per_task_entropy(out["p"], labels)
         counts = routing_matrix(out["choice"], labels, experts, classes)
         routing = {"matrix": counts.tolist(), "experts": experts, "classes": classes}
+    kept = spec.train["select"]["mode"]
     return {
         "family": FAMILY,
         "dataset": info["dataset"],
         "model": spec.name,
         "kind": spec.kind,
-        "label": gated_label(spec.kind, spec.options, _teacher_attentive(saved)),
+        "label": gated_label(spec.kind, spec.options, info.get("teacher_options")),
         "options": spec.options,
         "variant": variant,
         "top_k": top_k,
         "attentive": attentive,
         "experts": experts,
+        "architecture": info["architecture"]["args"]["architecture"],
+        "hard_routing": None if variant is None else hard_routing(variant, top_k),
         "seed": int(saved["seed"]),
         "params": parameter_count(model),
         "best_epoch": int(saved["epoch"]),
         "epochs": int(saved["epochs"]),
+        "kept": "last epoch" if kept == "last" else f"best {spec.train['select']['metric']}",
+        "val_accuracy": float(saved["val_metrics"]["val_accuracy"]),
+        "last_val_accuracy": _last_val_accuracy(saved),
         "train_time_s": float(saved["train_time_s"]),
         "device": str(device),
         "routing_rule": "argmax",
@@ -818,39 +586,6 @@ def evaluate_gated_checkpoint(checkpoint: str | Path, test_store: str | Path) ->
         "train_store": info["train_store"],
         "val_store": info["val_store"],
     }
-
-
-def _teacher_attentive(saved: Mapping[str, Any]) -> bool:
-    """Whether a distilled model's teacher had the attentive gate (from its provenance)."""
-    teacher = (saved.get("data_provenance") or {}).get("teacher") or {}
-    options = (teacher.get("spec") or {}).get("options") or {}
-    return bool(options.get("attentive"))
-
-
-def _stored_shape(in_shape: list[int]) -> list[int]:
-    """The store's image shape of a model input (C, H, W): (H, W) grey, (H, W, C) colour."""
-    channels, height, width = in_shape
-    return [height, width] if channels == 1 else [height, width, channels]
-
-
-def seed_options(
-    spec: ModelSpec | Mapping[str, Any],
-    seed: int,
-    teacher_dir: str | Path | None = None,
-    features_dir: str | Path | None = None,
-) -> ModelSpec:
-    """``spec`` with the models it builds on resolved for ``seed``: in a workflow config a
-    distilled model's ``teacher`` and a similarity loss's ``features`` name other models,
-    and seed k builds on their seed k, ``<dir>/seed<k>/best.pt``."""
-    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(dict(spec))
-    options = copy.deepcopy(spec.options)
-    if teacher_dir is not None:
-        options["teacher"] = str(Path(teacher_dir) / f"seed{seed}" / "best.pt")
-    if features_dir is not None:
-        similarity = dict(options.get("similarity") or {})
-        similarity["features"] = str(Path(features_dir) / f"seed{seed}" / "best.pt")
-        options["similarity"] = similarity
-    return ModelSpec(spec.name, spec.kind, options, spec.train, spec.data, spec.evaluate)
 
 
 def run_gated_seeds(
@@ -867,9 +602,9 @@ def run_gated_seeds(
     gets what :func:`train_gated` writes, ``<metrics_dir>/seed<k>.json`` the test metrics
     (``stores``: ``train``, ``val`` and ``test``).
 
-    On digits a training takes seconds, about what starting Python and PyTorch takes, so the
-    workflow runs one job per model rather than per seed; each seed keeps its own folder,
-    checkpoints and resume, exactly as if it had been trained alone.
+    A training of this family takes seconds, about what starting Python and PyTorch takes,
+    so the workflow runs one job per model rather than per seed; each seed keeps its own
+    folder, checkpoints and resume, exactly as if it had been trained alone.
     """
     specs = [seed_options(spec, seed, teacher_dir, features_dir) for seed in seeds]
     for resolved in specs:  # every seed's options checked before the first trains

@@ -58,6 +58,7 @@ from smoe.train.checkpoint import (
     restore_rng,
     save_atomic,
     seed_everything,
+    stream_seed,
 )
 from smoe.train.device import resolve_device, resolve_precision
 from smoe.train.evaluate import RoutingTally, dataset_metrics
@@ -246,6 +247,8 @@ class TaskTrainer:
         if self.settings["deterministic"]:
             use_deterministic_algorithms(self.device)
         self.generator = seed_everything(seed)
+        self.streams: dict[str, torch.Generator] = {}
+        self._saved_streams: dict[str, dict[str, Any]] = {}
         task.load(self.device)
         self.model = task.build_model().to(self.device)
         if self.world.multi:
@@ -264,6 +267,39 @@ class TaskTrainer:
         self.state = TrainState(history=[])
         self.resumed_from: int | None = None
         self.fresh_start_reason = ""
+
+    def stream(self, name: str, device: torch.device | str | None = None) -> torch.Generator:
+        """Random stream ``name`` of this run: a generator on ``device`` (the training
+        device by default), seeded by :func:`smoe.train.checkpoint.stream_seed` (the run's
+        seed and the name), saved in ``last.pt`` and continued on resume.
+
+        A sampling op must draw from a generator on its tensors' device (``torch.multinomial``
+        on CUDA refuses a CPU generator), and each kind of draw gets its own stream, so that
+        a change to one (more router noise, say) leaves the others' numbers as they were.
+        """
+        device = torch.device(self.device if device is None else device)
+        generator = self.streams.get(name)
+        if generator is not None:
+            if generator.device.type != device.type:
+                raise ValueError(f"stream {name!r} lives on {generator.device}, not {device}")
+            return generator
+        generator = torch.Generator(device=device).manual_seed(stream_seed(self.seed, name))
+        saved = self._saved_streams.pop(name, None)
+        if saved is not None and saved["device"] == device.type:
+            generator.set_state(saved["state"])
+        elif saved is not None:
+            self.log(
+                f"stream {name!r} was saved on {saved['device']}, this run draws on "
+                f"{device.type}: it restarts from its seed"
+            )
+        self.streams[name] = generator
+        return generator
+
+    def _stream_states(self) -> dict[str, dict[str, Any]]:
+        states = dict(self._saved_streams)  # restored, not drawn from since
+        for name, generator in self.streams.items():
+            states[name] = {"device": generator.device.type, "state": generator.get_state()}
+        return states
 
     # -- checkpoints -------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -304,6 +340,7 @@ class TaskTrainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "scaler": self.scaler.state_dict(),
                 "rng": capture_rng(self.generator),
+                "streams": self._stream_states(),
                 "state": {
                     "epoch": s.epoch,
                     "best_metric": s.best_metric,
@@ -339,6 +376,7 @@ class TaskTrainer:
                 "train_time_s": s.elapsed_s,
                 "epochs": s.epoch,
                 "stop_reason": s.stop_reason,
+                "last_row": s.history[-1] if s.history else None,
             },
             self.out_dir / "best.pt",
         )
@@ -363,6 +401,8 @@ class TaskTrainer:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng(saved["rng"], self.generator)
+        self._saved_streams = dict(saved.get("streams") or {})
+        self.streams = {}
         self.state = TrainState(**saved["state"])
         self.resumed_from = self.state.epoch
         self.log(f"resuming from {path} after epoch {self.state.epoch}")

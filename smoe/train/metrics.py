@@ -138,7 +138,8 @@ class MetricAccumulator:
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
-    """Whether ``value`` improves on ``best`` for a metric to maximise or minimise."""
-    if best is None:
+    """Whether ``value`` improves on ``best`` for a metric to maximise or minimise; with
+    mode ``last`` every epoch replaces the one before (the last epoch is kept)."""
+    if best is None or mode == "last":
         return True
     return value > best if mode == "max" else value < best

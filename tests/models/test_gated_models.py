@@ -1,18 +1,30 @@
+"""The gated family's models against the official code's definitions (moe-families.md part B):
+forward passes and losses by hand, gate gradients of every variant, the expert bank against
+separate experts, the regularisers' normalisation, the distilled student and the single
+baseline."""
+
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from smoe.errors import InputError
 from smoe.models.gated import (
+    EPS,
+    AttentiveTrunk,
     Expert,
     ExpertBank,
     Gate,
     GatedMoE,
     SingleModel,
+    _MaxPool2x2,
+    conv_pool_relu,
+    cross_entropy,
     distill_gate,
     gated_loss,
     importance_loss,
+    moe_parameter_count,
     parameter_count,
     sample_similarity_loss,
     topk_mask,
@@ -20,215 +32,280 @@ from smoe.models.gated import (
 )
 
 SHAPES = [((8, 8), 9), ((1, 28, 28), 169)]
+VARIANTS = [("expectation", 1), ("stochastic", 1), ("topk", 1), ("topk", 2), ("em", 1)]
 
 
 @pytest.mark.parametrize(("shape", "flat"), SHAPES)
-def test_expert_and_gate_shapes(shape, flat):
+def test_mnist_expert_and_gate_shapes(shape, flat):
     x = torch.randn(5, *shape)
     expert = Expert(shape, 10)
-    assert expert.fc1.in_features == flat
-    log_probs, h = expert(x)
-    assert log_probs.shape == (5, 10) and h.shape == (5, 32)
-    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
+    assert expert.fc1.in_features == flat and expert.fc1.out_features == 5
+    probs, h = expert(x)
+    assert probs.shape == (5, 10) and h.shape == (5, 32)
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))  # probabilities, not logits
     gate = Gate(shape, 4)
     assert gate.fc1.in_features == flat and gate.fc1.out_features == 128
-    z, hg = gate(x)
-    assert z.shape == (5, 4) and hg.shape == (5, 32)
+    assert gate(x).shape == (5, 4)
+    trunk = AttentiveTrunk(shape)
+    assert trunk(x).shape == (5, 32) and not hasattr(trunk, "out")
 
 
-@pytest.mark.parametrize(("shape", "flat"), SHAPES)
-@pytest.mark.parametrize("variant", ["expectation", "stochastic", "topk", "em"])
-@pytest.mark.parametrize("attentive", [False, True])
-def test_every_variant_gives_a_finite_differentiable_loss(shape, flat, variant, attentive):
+def test_cifar_networks_are_the_published_ones():
+    """Expert convs 4, 8, 16, 16 (batch norm after the 2nd and 4th, which have no bias) ->
+    64 features -> 64 -> 32 -> 10; gate 64, 128, 256, 256 -> 1024 -> 512 -> 32 -> E."""
+    expert = Expert((3, 32, 32), 10, "cifar10")
+    assert [c.out_channels for c in expert.trunk.convs] == [4, 8, 16, 16]
+    assert [c.bias is None for c in expert.trunk.convs] == [False, True, False, True]
+    assert sorted(expert.trunk.norms) == ["1", "3"]
+    assert expert.trunk.out_features == 64
+    assert (expert.fc1.in_features, expert.fc1.out_features, expert.fc2.out_features) == (
+        64,
+        64,
+        32,
+    )
+    gate = Gate((3, 32, 32), 10, "cifar10")
+    assert [c.out_channels for c in gate.trunk.convs] == [64, 128, 256, 256]
+    assert gate.trunk.out_features == 1024 and gate.fc1.out_features == 512
+    probs, h = expert(torch.randn(4, 3, 32, 32))
+    assert probs.shape == (4, 10) and h.shape == (4, 32)
+    assert AttentiveTrunk((3, 32, 32), "cifar10")(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "architecture"), [((1, 28, 28), "mnist"), ((8, 8), "mnist"), ((3, 32, 32), "cifar10")]
+)
+def test_the_expert_bank_computes_and_starts_as_separate_experts(shape, architecture):
+    """The bank draws E experts' initial weights in order and computes each expert's output
+    (batch norm included, in training mode) as that expert alone would."""
+    torch.manual_seed(3)
+    bank = ExpertBank(shape, 10, 3, architecture)
+    torch.manual_seed(3)
+    separate = [Expert(shape, 10, architecture) for _ in range(3)]
+    x = torch.randn(6, *shape)
+    probs, hidden = bank(x)
+    for e, expert in enumerate(separate):
+        state = bank.expert_state(e)
+        for key, value in expert.state_dict().items():
+            if "running" not in key and "num_batches" not in key:
+                torch.testing.assert_close(state[key], value)
+        p, h = expert(x)
+        torch.testing.assert_close(probs[:, e], p, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(hidden[:, e], h, atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiled_trunk_equals_conv_relu_pool():
     torch.manual_seed(0)
-    model = GatedMoE(shape, 10, experts=3, variant=variant, top_k=2, attentive=attentive)
-    x, labels = torch.randn(6, *shape), torch.randint(0, 10, (6,))
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fast = conv_pool_relu(x, weight, bias)
+    plain = F.max_pool2d(F.relu(F.conv2d(x, weight, bias)), 2).flatten(2).transpose(0, 1)
+    torch.testing.assert_close(fast, plain)
+    g = torch.randn_like(fast)
+    assert torch.allclose(
+        torch.autograd.grad(fast, weight, g)[0], torch.autograd.grad(plain, weight, g)[0]
+    )
+    maps = torch.randn(5, 6, 8, requires_grad=True)
+    pooled = _MaxPool2x2.apply(maps)
+    torch.testing.assert_close(pooled, F.max_pool2d(maps.unsqueeze(1), 2).squeeze(1))
+    grad = torch.randn_like(pooled)
+    expected = torch.autograd.grad(F.max_pool2d(maps.unsqueeze(1), 2).squeeze(1), maps, grad)
+    torch.testing.assert_close(torch.autograd.grad(pooled, maps, grad)[0], expected[0])
+
+
+@pytest.mark.parametrize(("variant", "k"), VARIANTS)
+@pytest.mark.parametrize("attentive", [False, True])
+def test_every_variant_trains_its_gate(variant, k, attentive):
+    """A non-zero gate gradient for every variant, top-1 included (masking the logits
+    before the softmax would make p one-hot and the gate's gradient exactly 0)."""
+    torch.manual_seed(0)
+    model = GatedMoE((1, 28, 28), 10, experts=4, variant=variant, top_k=k, attentive=attentive)
+    x, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     out = model(x)
-    assert out["expert_log_probs"].shape == (6, 3, 10)
-    assert out["p"].shape == (6, 3) and out["log_probs"].shape == (6, 10)
-    assert out["choice"].shape == (6,)
-    loss = gated_loss(out, labels, variant)
+    assert out["expert_probs"].shape == (16, 4, 10) and out["weights"].shape == (16, 4)
+    assert out["output"].shape == (16, 10) and out["choice"].shape == (16,)
+    loss = gated_loss(out, labels)
     assert torch.isfinite(loss)
     loss.backward()
-    # the attentive gate scores with W_q h_g, leaving the gate's last layer unused
-    gate = [model.gate.fc1, model.gate.fc2] + ([model.query] if attentive else [model.gate.out])
-    grads = [p.grad for layer in gate for p in layer.parameters()]
-    grads += [p.grad for p in model.experts.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    gate_parameters = list(model.gate.parameters())
+    if attentive:
+        gate_parameters += list(model.query.parameters()) + list(model.key.parameters())
+    gate_norm = sum(float(p.grad.norm()) for p in gate_parameters if p.grad is not None)
+    assert gate_norm > 1e-8
+    expert_norm = sum(float(p.grad.norm()) for p in model.experts.parameters())
+    assert expert_norm > 1e-8
 
 
-def test_the_expert_bank_computes_and_starts_as_separate_experts():
-    torch.manual_seed(3)
-    bank = ExpertBank((1, 8, 8), 10, experts=4)
-    torch.manual_seed(3)
-    separate = [Expert((1, 8, 8), 10) for _ in range(4)]
-    x = torch.randn(5, 1, 8, 8)
-    log_probs, hidden = bank(x)
-    assert log_probs.shape == (5, 4, 10) and hidden.shape == (5, 4, 32)
-    for e, expert in enumerate(separate):
-        want_log_probs, want_hidden = expert(x)
-        torch.testing.assert_close(log_probs[:, e], want_log_probs, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(hidden[:, e], want_hidden, rtol=1e-5, atol=1e-6)
-        one_log_probs, _ = bank.expert(e, x)
-        torch.testing.assert_close(one_log_probs, want_log_probs, rtol=1e-5, atol=1e-6)
-    assert sum(p.numel() for p in bank.parameters()) == 4 * sum(
-        p.numel() for p in separate[0].parameters()
-    )
+def _fixed(variant, k, experts_probs, scores):
+    """A model whose forward is fed fixed expert probabilities and gate scores."""
+    model = GatedMoE((8, 8), 3, experts=experts_probs.shape[1], variant=variant, top_k=k)
+    model.experts.forward = lambda x: (experts_probs, torch.zeros(*experts_probs.shape[:2], 32))
+    model.gate.forward = lambda x: scores
+    return model
 
 
-def test_expectation_loss_is_the_nll_of_the_mixture():
-    torch.manual_seed(1)
-    model = GatedMoE((8, 8), 10, experts=3)
-    x, labels = torch.randn(4, 8, 8), torch.tensor([0, 3, 9, 2])
-    out = model(x)
-    mixture = (out["p"].unsqueeze(-1) * out["expert_log_probs"].exp()).sum(1)
-    expected = -mixture.log()[torch.arange(4), labels].mean()
-    torch.testing.assert_close(gated_loss(out, labels, "expectation"), expected)
-    torch.testing.assert_close(out["log_probs"].exp(), mixture)
+Y = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]])  # [1, E=3, C=3]
+Z = torch.tensor([[1.0, 2.0, 0.5]])
 
 
-def test_stochastic_loss_by_hand_and_evaluation_takes_the_argmax():
-    torch.manual_seed(2)
-    model = GatedMoE((8, 8), 10, experts=3, variant="stochastic")
-    x, labels = torch.randn(4, 8, 8), torch.tensor([1, 1, 5, 7])
-    out = model(x)
-    ce = -out["expert_log_probs"][torch.arange(4), :, labels]  # [N, E]
-    expected = -(out["p"] * torch.exp(-0.5 * ce)).sum(1).log().mean()
-    torch.testing.assert_close(gated_loss(out, labels, "stochastic"), expected)
+def test_top1_forward_by_hand():
+    """p = softmax over all scores; e* = argmax; o = softmax(p_e* y_e*)."""
+    model = _fixed("topk", 1, Y, Z)
+    out = model(torch.zeros(1, 8, 8))
+    p = torch.softmax(Z, dim=1)
+    assert int(out["choice"]) == 1
+    torch.testing.assert_close(out["weights"], p)
+    expected = torch.softmax(p[0, 1] * Y[0, 1], dim=0)
+    torch.testing.assert_close(out["output"][0], expected)
+    loss = gated_loss(out, torch.tensor([1]))
+    torch.testing.assert_close(loss, -torch.log(expected[1] + EPS))
+
+
+def test_top2_forward_by_hand():
+    """Scores outside the top 2 set to -inf, softmax renormalised over the top 2, o = sum of
+    p~_e y_e without a further softmax."""
+    model = _fixed("topk", 2, Y, Z)
+    out = model(torch.zeros(1, 8, 8))
+    top = torch.exp(torch.tensor([1.0, 2.0]))
+    p = torch.cat([top / top.sum(), torch.zeros(1)])
+    torch.testing.assert_close(out["weights"][0], p)
+    expected = p[0] * Y[0, 0] + p[1] * Y[0, 1]
+    torch.testing.assert_close(out["output"][0], expected)
+    torch.testing.assert_close(gated_loss(out, torch.tensor([0])), -torch.log(expected[0] + EPS))
+
+
+def test_expectation_takes_a_softmax_over_the_mixture():
+    model = _fixed("expectation", 1, Y, Z)
+    out = model(torch.zeros(1, 8, 8))
+    p = torch.softmax(Z, dim=1)[0]
+    expected = torch.softmax((p[:, None] * Y[0]).sum(0), dim=0)
+    torch.testing.assert_close(out["output"][0], expected)
+    torch.testing.assert_close(gated_loss(out, torch.tensor([2])), -torch.log(expected[2] + EPS))
+
+
+def test_stochastic_loss_by_hand_and_its_routes():
+    model = _fixed("stochastic", 1, Y, Z)
     model.eval()
-    out = model(x)
-    torch.testing.assert_close(out["choice"], out["p"].argmax(1))
-    torch.testing.assert_close(
-        out["log_probs"], out["expert_log_probs"][torch.arange(4), out["choice"]]
-    )
-
-
-def test_stochastic_training_draws_from_the_gate():
-    torch.manual_seed(3)
-    model = GatedMoE((8, 8), 10, experts=3, variant="stochastic", temperature=50.0)
+    out = model(torch.zeros(1, 8, 8))
+    p = torch.softmax(Z, dim=1)[0]
+    ce = -torch.log(Y[0, :, 0] + EPS)
+    expected = -torch.log((p * torch.exp(-0.5 * ce)).sum() + EPS)
+    torch.testing.assert_close(gated_loss(out, torch.tensor([0])), expected)
+    assert int(out["choice"]) == 1  # evaluation: the argmax expert
+    torch.testing.assert_close(out["output"][0], Y[0, 1])
+    model.train()
     model.generator = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 8, 8)
-    choice = model(x)["choice"]
-    # near-uniform gate at high temperature: the draws use several experts, not the argmax
-    assert len(set(choice.tolist())) == 3
-    assert not torch.equal(choice, model(x)["p"].argmax(1))
+    many = _fixed("stochastic", 1, Y.expand(4000, 3, 3), Z.expand(4000, 3))
+    many.generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(many(torch.zeros(4000, 8, 8))["choice"], minlength=3).float()
+    torch.testing.assert_close(counts / 4000, p, atol=0.03, rtol=0)
+
+
+def test_em_loss_routes_through_the_posterior_argmax_expert():
+    model = _fixed("em", 1, Y, Z)
+    out = model(torch.zeros(1, 8, 8))
+    p = torch.softmax(Z, dim=1)[0]
+    target = int((p * Y[0, :, 0]).argmax())
+    expected = -torch.log(Y[0, target, 0] + EPS) - torch.log(p[target] + EPS)
+    torch.testing.assert_close(gated_loss(out, torch.tensor([0])), expected)
 
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_topk_masks_exactly(k):
-    torch.manual_seed(4)
-    model = GatedMoE((8, 8), 10, experts=4, variant="topk", top_k=k)
-    out = model(torch.randn(7, 8, 8))
-    assert ((out["p"] > 0).sum(1) == k).all()
-    assert (torch.isinf(out["logits"]).sum(1) == 4 - k).all()
-    torch.testing.assert_close(out["p"].sum(1), torch.ones(7))
-    z = torch.tensor([[0.1, 3.0, -1.0, 2.0]])
-    expected = torch.tensor([[float("-inf"), 3.0, float("-inf"), 2.0]])
-    torch.testing.assert_close(topk_mask(z, 2), expected)
+    scores = torch.tensor([[0.3, 0.1, 0.9, 0.5]])
+    masked = topk_mask(scores, k)
+    assert int(torch.isfinite(masked).sum()) == k
+    assert float(masked[0, 2]) == pytest.approx(0.9)
 
 
-def test_em_loss_routes_through_the_posterior_argmax_expert():
-    torch.manual_seed(5)
-    model = GatedMoE((8, 8), 10, experts=3, variant="em")
-    x, labels = torch.randn(5, 8, 8), torch.tensor([0, 1, 2, 3, 4])
-    out = model(x)
-    label_lp = out["expert_log_probs"][torch.arange(5), :, labels]
-    target = (out["log_p"] + label_lp).argmax(1)
-    expected = (
-        -label_lp[torch.arange(5), target].mean() - out["log_p"][torch.arange(5), target].mean()
-    )
-    torch.testing.assert_close(gated_loss(out, labels, "em"), expected)
-
-
-def test_attentive_gate_matches_the_formula_by_hand():
-    torch.manual_seed(6)
-    model = GatedMoE((8, 8), 10, experts=3, attentive=True, temperature=1.0)
+def test_attentive_scores_by_hand():
+    torch.manual_seed(1)
+    model = GatedMoE((8, 8), 10, experts=3, attentive=True)
     x = torch.randn(2, 8, 8)
-    out = model(x)
-    _, hg = model.gate(x)
-    for n in range(2):
-        scores = []
-        for e in range(3):
-            _, he = model.experts.expert(e, x[n : n + 1])
-            q = model.query.weight @ hg[n]
-            k = model.key.weight @ he[0]
-            scores.append(float((q @ k).detach()) / math.sqrt(32))
-        expected = torch.softmax(torch.tensor(scores), 0)
-        torch.testing.assert_close(out["p"][n], expected, atol=1e-5, rtol=1e-5)
+    _, hidden = model.experts(x)
+    q = model.query(model.gate(x))
+    k = model.key(hidden)
+    expected = (q.unsqueeze(1) * k).sum(-1) / math.sqrt(32)
+    torch.testing.assert_close(model(x)["scores"], expected)
+    # the attentive trunk ends without a ReLU: some query inputs are negative
+    assert (model.gate(torch.randn(64, 8, 8)) < 0).any()
 
 
-def test_temperature_divides_the_logits():
-    torch.manual_seed(7)
-    model = GatedMoE((8, 8), 10, experts=3, temperature=2.0)
-    x = torch.randn(3, 8, 8)
-    z, _ = model.gate(x)
-    torch.testing.assert_close(model(x)["p"], torch.softmax(z / 2.0, 1))
+def test_temperature_divides_the_scores():
+    torch.manual_seed(0)
+    a = GatedMoE((8, 8), 10, experts=3, temperature=1.0)
+    b = GatedMoE((8, 8), 10, experts=3, temperature=2.0)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 8, 8)
+    torch.testing.assert_close(b(x)["scores"] * 2, a(x)["scores"])
 
 
 def test_importance_loss_by_hand():
-    p = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
-    # I = [2, 0.75, 0.25], mean 1, unbiased var = (1 + 0.0625 + 0.5625) / 2 = 0.8125
-    torch.testing.assert_close(importance_loss(p, 0.5), torch.tensor(0.5 * 0.8125))
-    torch.testing.assert_close(importance_loss(torch.full((4, 2), 0.5), 1.0), torch.tensor(0.0))
+    weights = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    importance = torch.tensor([0.7, 0.8, 0.5])
+    expected = 0.2 * importance.var(unbiased=True) / importance.mean() ** 2
+    torch.testing.assert_close(importance_loss(weights, 0.2), expected)
 
 
-def test_sample_similarity_loss_by_hand():
-    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 2.5]])
-    # distances 5, 2.5, sqrt(9 + 2.25); scaled by the max 5
-    d01, d02, d12 = 1.0, 0.5, math.sqrt(11.25) / 5
-    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    d = torch.tensor([[0, d01, d02], [d01, 0, d12], [d02, d12, 0]])
-    same = sum(
-        float(p[i, e] * p[j, e] * d[i, j]) for e in range(2) for i in range(3) for j in range(3)
-    )
-    diff = sum(
-        float(p[i, e] * p[j, f] * d[i, j])
-        for e in range(2)
-        for f in range(2)
-        if e != f
-        for i in range(3)
-        for j in range(3)
-    )
-    expected = (0.7 * same / 2 - 0.3 * diff / 2) / 6
-    loss = sample_similarity_loss(p, x, beta_s=0.7, beta_d=0.3)
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
-    given = sample_similarity_loss(p, x, beta_s=0.7, beta_d=0.3, distances=d)
-    assert float(given) == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="distances"):
-        sample_similarity_loss(p, x, 1.0, 1.0, distances=torch.zeros(2, 2))
+def test_similarity_loss_with_the_published_normalisation_by_hand():
+    """L_s = beta_s * sum_e (1/E) sum_ab p_e(a)p_e(b)D_ab - beta_d * (sum_{e!=e'}
+    1/(E^2-E) sum_ab p_e(a)p_e'(b)D_ab) / B^2, D the pixel distances over their maximum."""
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])  # distances 5, 10, 5
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    d = torch.tensor([[0.0, 0.5, 1.0], [0.5, 0.0, 0.5], [1.0, 0.5, 0.0]])
+    same, diff = 0.0, 0.0
+    for e in range(2):
+        for f in range(2):
+            total = sum(
+                float(weights[a, e] * weights[b, f] * d[a, b]) for a in range(3) for b in range(3)
+            )
+            if e == f:
+                same += total / 2
+            else:
+                diff += total / 2
+    assert (same, diff) == pytest.approx((0.5, 1.5))  # worked out on paper
+    expected = 1e-5 * 0.5 - 1e-2 * 1.5 / 9  # only the second term is divided by B^2 = 9
+    assert float(sample_similarity_loss(weights, x, 1e-5, 1e-2)) == pytest.approx(expected)
+    given = sample_similarity_loss(weights, x, 1.0, 0.0, distances=d * 2)
+    assert float(given) == pytest.approx(2 * same)
 
 
-def test_distilled_gate_trains_only_the_gate():
-    torch.manual_seed(8)
-    teacher = GatedMoE((8, 8), 10, experts=3, attentive=True, variant="topk", top_k=2)
+def test_distilled_student_copies_the_teachers_experts_and_gate_trunk():
+    torch.manual_seed(0)
+    teacher = GatedMoE((1, 28, 28), 10, experts=3, attentive=True, variant="expectation")
+    torch.manual_seed(7)
     student = distill_gate(teacher)
-    assert not student.attentive and student.variant == "topk" and student.top_k == 2
-    for a, b in zip(teacher.experts.parameters(), student.experts.parameters(), strict=True):
-        assert torch.equal(a, b) and not b.requires_grad
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    optimizer = torch.optim.Adam(trainable_parameters(student), lr=0.1)
-    x, labels = torch.randn(8, 8, 8), torch.randint(0, 10, (8,))
-    loss = gated_loss(student(x), labels, "topk")
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    after = student.state_dict()
-    for name, value in before.items():
-        if name.startswith("experts."):
-            assert torch.equal(value, after[name]), name
-    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("gate."))
+    assert not student.attentive and not hasattr(student, "query")
+    for key, value in teacher.experts.state_dict().items():
+        assert torch.equal(student.experts.state_dict()[key], value)
+    for part in ("trunk", "fc1", "fc2"):
+        for key, value in getattr(teacher.gate, part).state_dict().items():
+            assert torch.equal(getattr(student.gate, part).state_dict()[key], value)
+    assert student.gate.out.out_features == 3
+    assert all(not p.requires_grad for p in student.experts.parameters())
+    assert {id(p) for p in trainable_parameters(student)} == {
+        id(p) for p in student.gate.parameters()
+    }
 
 
-@pytest.mark.parametrize(
-    ("shape", "moe", "single"), [((8, 8), 11568, 11586), ((1, 28, 28), 40048, 39964)]
-)
-def test_single_model_matches_the_moe_parameter_count(shape, moe, single):
-    model = GatedMoE(shape, 10, experts=10)
-    assert parameter_count(model) == moe
-    baseline = SingleModel(shape, 10, parameter_count(model))
-    assert parameter_count(baseline) == single
-    assert abs(single - moe) / moe < 0.01
-    assert baseline(torch.randn(2, *shape)).shape == (2, 10)
+def test_single_is_exactly_one_expert_and_the_mixture_sized_one_matches_the_moe():
+    single = SingleModel((1, 28, 28), 10)
+    expert = Expert((1, 28, 28), 10)
+    assert parameter_count(single) == parameter_count(expert)
+    # one expert: conv 10 + FC 169*5+5 + 5*32+32 + 32*10+10
+    assert parameter_count(single) == 10 + 850 + 192 + 330
+    budget = moe_parameter_count((1, 28, 28), 10, experts=10)
+    wide = SingleModel((1, 28, 28), 10, params_budget=budget)
+    assert abs(parameter_count(wide) - budget) <= 169 + 1 + 32
+    assert wide.mixture_sized and not single.mixture_sized
+    probs = single(torch.randn(3, 1, 28, 28))
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_cross_entropy_is_the_codes():
+    probs = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    expected = -(math.log(0.75 + EPS) + math.log(0.0 + EPS)) / 2
+    assert float(cross_entropy(probs, torch.tensor([1, 1]))) == pytest.approx(expected)
 
 
 def test_bad_options_name_the_option():
@@ -236,19 +313,22 @@ def test_bad_options_name_the_option():
         GatedMoE((8, 8), 10, experts=2, variant="topk", top_k=3)
     with pytest.raises(InputError, match="variant"):
         GatedMoE((8, 8), 10, variant="switch")
-    with pytest.raises(InputError, match="variant"):
-        gated_loss({}, torch.zeros(1), "switch")
     with pytest.raises(InputError, match="temperature"):
         GatedMoE((8, 8), 10, temperature=0)
     with pytest.raises(InputError, match="experts"):
         GatedMoE((8, 8), 10, experts=0)
     with pytest.raises(InputError, match="in_shape"):
         Expert((8,), 10)
+    with pytest.raises(InputError, match="architecture"):
+        Expert((1, 28, 28), 10, "resnet")
+    with pytest.raises(InputError, match="too small"):
+        Expert((3, 8, 8), 10, "cifar10")
 
 
 def test_expectation_moe_learns_sklearn_digits():
-    """E = 4, expectation, Adam lr 1e-2, batch 256, 25 epochs on 1400 digits: measured test
-    accuracy 82-91 % over seeds 0..4 (82.4 % at seed 0) in 0.5-2.6 s; chance is 10 %."""
+    """E = 4, expectation, Adam lr 1e-2, batch 128, 25 epochs on 1400 digits; chance is 10 %
+    (measured 0.80 at seed 0: the softmax over the mixture's probabilities damps the
+    gradient, so the model learns slower than with the log-likelihood of the mixture)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -260,14 +340,14 @@ def test_expectation_moe_learns_sklearn_digits():
     model = GatedMoE((1, 8, 8), 10, experts=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(25):
-        for start in range(0, len(train), 256):
-            batch = train[start : start + 256]
-            loss = gated_loss(model(x[batch]), y[batch], "expectation")
+        for start in range(0, len(train), 128):
+            batch = train[start : start + 128]
+            loss = gated_loss(model(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
         out = model(x[test])
-    accuracy = (out["log_probs"].argmax(1) == y[test]).float().mean().item()
+    accuracy = (out["output"].argmax(1) == y[test]).float().mean().item()
     assert accuracy > 0.6

@@ -22,13 +22,28 @@ from smoe.report.gated_table import (
 HEADER = (
     "variant,label,dataset,seeds,test_accuracy_mean,test_accuracy_std,mutual_information_mean,"
     "mutual_information_std,sample_entropy_mean,sample_entropy_std,usage_entropy_mean,"
-    "usage_entropy_std,per_task_entropy_mean,per_task_entropy_std,params"
+    "usage_entropy_std,per_task_entropy_mean,per_task_entropy_std,selected_seed,"
+    "selected_last_val_accuracy,selected_test_accuracy,selected_mutual_information,"
+    "selected_sample_entropy,selected_usage_entropy,selected_per_task_entropy,params"
 )
 
 
-def result(model, label, seed, accuracy, usage=1.0, *, kind="gated_moe", experts=10, **changes):
-    """A metrics dict of exactly the shape ``evaluate_gated_checkpoint`` writes."""
+def result(
+    model,
+    label,
+    seed,
+    accuracy,
+    usage=1.0,
+    *,
+    kind="gated_moe",
+    experts=10,
+    last_val=None,
+    **changes,
+):
+    """A metrics dict of exactly the shape ``evaluate_gated_checkpoint`` writes; the last
+    epoch's validation accuracy is the test accuracy minus one unless given."""
     single = kind == "gated_single"
+    last_val = accuracy - 1.0 if last_val is None else last_val
     values = {
         "family": "gated",
         "dataset": "mnist",
@@ -40,10 +55,15 @@ def result(model, label, seed, accuracy, usage=1.0, *, kind="gated_moe", experts
         "top_k": None if single else 1,
         "attentive": None if single else False,
         "experts": None if single else experts,
+        "architecture": "mnist",
+        "hard_routing": None if single else False,
         "seed": seed,
         "params": 5010 if single else 4990,
         "best_epoch": 4,
         "epochs": 5,
+        "kept": "last epoch",
+        "val_accuracy": last_val,
+        "last_val_accuracy": last_val,
         "train_time_s": 1.5,
         "device": "cpu",
         "routing_rule": "argmax",
@@ -115,26 +135,60 @@ def test_csv_header_order_and_hand_computed_numbers(tmp_path):
     assert float(single["test_accuracy_mean"]) == 94.0 and single["params"] == "5010"
     for key in ("mutual_information", "sample_entropy", "usage_entropy", "per_task_entropy"):
         assert single[f"{key}_mean"] == single[f"{key}_std"] == ""
+    # the published rule on our seeds: the highest last-epoch validation accuracy (seed 2)
+    assert exp["selected_seed"] == "2" and float(exp["selected_test_accuracy"]) == 97.0
+    assert float(exp["selected_last_val_accuracy"]) == 96.0
+    assert float(exp["selected_usage_entropy"]) == 2.0
     assert not list((tmp_path / "table").glob("*.partial"))
+
+
+def test_the_selection_rule_reads_the_last_validation_epoch_not_the_test(tmp_path):
+    results = [
+        result("exp", "expectation", 0, 97.0, last_val=90.0),
+        result("exp", "expectation", 1, 91.0, last_val=95.0),
+        result("exp", "expectation", 2, 99.0, last_val=95.0),  # a tie: the lower seed wins
+    ]
+    _, rows = table(tmp_path, results)
+    assert rows[0]["selected_seed"] == "1" and float(rows[0]["selected_test_accuracy"]) == 91.0
 
 
 def test_published_figures_beside_ours_with_citation(tmp_path):
     outputs, _ = table(tmp_path, MIXED)
     markdown = outputs["markdown"].read_text()
     lines = markdown.splitlines()
-    ours = next(i for i, line in enumerate(lines) if line.startswith("| expectation | MNIST"))
-    published = lines[ours + 1]
-    assert published.startswith("| expectation, MNIST *(published)* [1] | MNIST | 10 | 10 |")
-    assert "| 95.38 | 1.49 |  | 1.49 |" in published
+    ours = next(i for i, line in enumerate(lines) if line.startswith("| expectation (mean ± std)"))
+    assert "| MNIST | 10 | 3 (mean ± std) |" in lines[ours]
     assert "| 96.00 ± 1.00 | 1.50 ± 0.25 | 0.50 ± 0.00 | 1.75 ± 0.25 |" in lines[ours]
-    assert "| expectation + L_imp, MNIST *(published)* [1] | MNIST | 10 | 10 |  | 97.72" in markdown
+    selected = lines[ours + 1]
+    assert selected.startswith("| expectation (selected run) | MNIST | 10 | seed 2 of 3 |")
+    assert "| 97.00 | 1.75 | 0.50 | 2.00 |" in selected
+    published = lines[ours + 2]
+    assert published.startswith(
+        "| expectation, MNIST *(published)* [1] | MNIST | 10 | best of 10 |"
+    )
+    assert "| 95.38 | 1.49 |  | 1.49 |" in published
+    assert "| expectation + L_imp, MNIST *(published)* [1] | MNIST | 10 | best of 10 |" in markdown
     assert "[1] Y. Krishnamurthy, C. Watkins, T. Gaertner. Improving Expert" in markdown
+    assert "lowest last-epoch validation error" in markdown
+    assert "follow the authors' released code" in markdown
     html = outputs["html"].read_text()
     assert html.count('<tr class="published">') == 2
     assert "arXiv:2302.14703" in html and 'id="cite-1"' in html
     assert "Published orderings on our data" in html and "Download table.csv" in html
     # the MNIST single figure is for E = 5: not beside our single of E = 10, and said so
     assert "single (single, E = 10): the paper&#x27;s MNIST figure is for E = 5, not 10" in html
+
+
+def test_the_embedded_subset_sits_beside_full_mnist_with_a_note(tmp_path):
+    results = [
+        result("exp", "expectation", 0, 90.0, dataset="mnist5k"),
+        result("em", "EM", 0, 85.0, dataset="mnist5k"),
+    ]
+    markdown = table(tmp_path, results)[0]["markdown"].read_text()
+    assert "# Gated modular MoE on MNIST, 5,000-image subset" in markdown
+    assert "| expectation, MNIST *(published)* [1] |" in markdown
+    assert "3,500 train, 500 validation, 1,000 test" in markdown
+    assert "EM: EM-style hard routing is not in the published code" in markdown
 
 
 def test_figures_of_another_data_set_or_size_are_not_shown(tmp_path):
@@ -165,13 +219,15 @@ def test_five_expert_figures_only_beside_five_experts(tmp_path):
     assert "| expectation (paper: MoE), MNIST *(published)* [1] | MNIST | 5 |  |  | 96.20 |" in (
         markdown
     )
-    assert "| single, MNIST *(published)* [1] | MNIST | 1 (size of 5) |  |  | 90.40 |" in markdown
+    assert "| single, MNIST *(published)* [1] | MNIST | 1 |  |  | 90.40 |" in markdown
     assert "filed under the plain expectation gate" in markdown
 
 
 def test_references_are_cited_and_complete():
     rows = load_gated_references(REFERENCES)
     assert len(rows) == 19
+    distilled = [row for row in rows if row["label"].startswith("distilled")]
+    assert [row["source_label"] for row in distilled] == ["distilled attentive + L_imp"]
     assert all("arXiv:2302.14703" in row["citation"] and "2023" in row["citation"] for row in rows)
     mnist = {
         row["label"]: row for row in rows if row["dataset"] == "mnist" and row["experts"] == 10
@@ -219,18 +275,28 @@ def test_orderings_hold():
         row("expectation", 95.0, 1.5, 0.5),
         row("expectation + L_imp", 94.7, 3.3, 0.3),  # 0.3 lower: within the larger std 0.5
         row("top-1", 94.0, 1.3),
-        row("top-2", 96.0, 1.9),
+        row("top-2", 94.0, 1.9),  # equal to top-1: "at least as accurate" holds
         row("top-2 + L_imp", 97.0, 3.2),
         row("single", 93.0, kind="gated_single"),
+        row("single (mixture-sized)", 99.0, kind="gated_single"),  # not the baseline of (c)
     ]
     checks = by_ordering(gated_orderings(rows))
     assert {check.status for check in checks.values()} == {HOLDS}
     a = checks["(a)", "expectation + L_imp vs expectation"]
     assert "H_u 1.50 → 3.30 bits (+1.80; log2 E = 3.32)" in a.detail
     assert "(-0.30 points, allowed down to -0.50)" in a.detail
-    assert checks["(b)", "top-2 vs top-1"].detail == "accuracy 96.00 % vs 94.00 % (+2.00 points)"
+    assert checks["(b)", "top-2 vs top-1"].detail == "accuracy 94.00 % vs 94.00 % (+0.00 points)"
     c = checks["(c)", "5 MoE variant(s) of E = 10 vs single"]
     assert "the closest top-1 94.00 % (+1.00 points)" in c.detail and c.verdict == "✓ holds"
+    d = checks["(d)", "top-1"]
+    assert d.detail == "H_u 1.30 bits (log2 E = 3.32)"
+
+
+def test_a_collapsed_top1_gate_is_reported():
+    checks = by_ordering(gated_orderings([row("top-1", 90.0, 0.0)]))
+    d = checks["(d)", "top-1"]
+    assert d.status == FAILS and d.shortfall == pytest.approx(-0.5)
+    assert d.why.startswith("H_u 0.00 bits: the gate sends nearly every sample to one expert")
 
 
 def test_orderings_fail_with_by_how_much():
@@ -261,13 +327,14 @@ def test_orderings_fail_with_by_how_much():
 
 def test_orderings_not_checked_without_their_labels():
     checks = gated_orderings([row("EM", 90.0, 1.0)])
-    assert [check.status for check in checks] == [UNCHECKED] * 3
+    assert [check.status for check in checks] == [UNCHECKED] * 4
     assert [check.compared for check in checks] == [
         "expectation + L_imp vs expectation",
         "top-2 vs top-1",
         "MoE variants vs single",
+        "top-1 vs top-1",
     ]
-    assert checks[-1].detail == "no single model"
+    assert checks[2].detail == "no single model"
     # same labels, other numbers of experts: nothing to compare either
     checks = by_ordering(
         gated_orderings([row("top-2", 96.0, experts=4), row("top-1", 95.0, experts=10)])
@@ -286,10 +353,11 @@ def test_orderings_section_in_markdown(tmp_path):
     assert '<td class="text">✗ does not hold: top-2 -1.00 points against top-1</td>' in html
     assert '<td class="num">96.00 ± 1.00</td>' in html
     assert (
-        "| (b) top-2 above top-1 | top-2 vs top-1 | ✗ does not hold: top-2 -1.00 points" in section
+        "| (b) top-2 at least as accurate as top-1 | top-2 vs top-1 | ✗ does not hold: top-2 "
+        "-1.00 points" in section
     )
     assert "| ✓ holds | H_u 1.75 → 3.25 bits" in section
-    assert "Of 4 comparisons: 2 hold, 1 do not hold, 1 not checked." in section
+    assert "Of 5 comparisons: 3 hold, 1 do not hold, 1 not checked." in section
 
 
 # --- bad inputs ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 from smoe.train.gated_metrics import (
     accuracy,
+    entropy_bits,
     mutual_information,
     per_task_entropy,
     routing_matrix,
@@ -78,3 +79,21 @@ def test_a_collapsed_gate_has_zero_entropies_not_minus_zero():
     ):
         assert value == 0.0 and math.copysign(1.0, value) == 1.0
         assert f"{value:.2f}" == "0.00"
+
+
+def test_hard_routing_reports_the_published_conventions():
+    """Top-1, stochastic and EM: H_s reported as 0, H_u and the per-task entropy from the
+    argmax counts, not from the soft weights."""
+    from smoe.train.gated_metrics import specialisation_metrics
+
+    weights = np.array([[0.6, 0.4], [0.6, 0.4], [0.3, 0.7], [0.3, 0.7]])
+    choice = weights.argmax(1)
+    labels = np.array([0, 0, 1, 1])
+    hard = specialisation_metrics(weights, choice, labels, labels, 2, 2, hard=True)
+    assert hard["sample_entropy"] == 0.0
+    assert hard["usage_entropy"] == pytest.approx(1.0)  # two experts, two samples each
+    assert hard["per_task_entropy"] == 0.0  # each class to one expert
+    assert hard["mutual_information"] == pytest.approx(1.0)
+    soft = specialisation_metrics(weights, choice, labels, labels, 2, 2, hard=False)
+    assert soft["sample_entropy"] > 0.8 and soft["per_task_entropy"] > 0.8
+    assert soft["usage_entropy"] == pytest.approx(entropy_bits([0.45, 0.55]))

@@ -1,7 +1,8 @@
 """Gated-modular-network family through the shared trainer: learning, the importance
-regulariser, exact resume, evaluation JSON, the single baseline and the distilled gate.
-Real trainings on scikit-learn's digits (1,294 train / 144 val / 359 test images of 8 x 8);
-a few seconds on one core."""
+regulariser, exact resume, evaluation JSON, the single baseline, the distilled student, the
+kept (last) epoch and the randomness streams. Real trainings on scikit-learn's digits (1,294
+train / 144 val / 359 test images of 8 x 8), a few seconds on one core; one on the
+5,000-image MNIST subset."""
 
 import csv
 import json
@@ -13,13 +14,8 @@ from smoe.data.image_store import write_image_split
 from smoe.errors import InputError
 from smoe.models.gated import GatedMoE, SingleModel
 from smoe.train.checkpoint import load_checkpoint
-from smoe.train.gated_task import (
-    build_gated_model,
-    evaluate_gated_checkpoint,
-    gated_label,
-    resolve_gated_spec,
-    train_gated,
-)
+from smoe.train.gated_spec import build_gated_model, gated_label, resolve_gated_spec
+from smoe.train.gated_task import augment_cifar, evaluate_gated_checkpoint, train_gated
 from smoe.train.loop import TaskTrainer
 
 RESULT_KEYS = {
@@ -33,10 +29,15 @@ RESULT_KEYS = {
     "top_k",
     "attentive",
     "experts",
+    "architecture",
+    "hard_routing",
     "seed",
     "params",
     "best_epoch",
     "epochs",
+    "kept",
+    "val_accuracy",
+    "last_val_accuracy",
     "train_time_s",
     "device",
     "routing_rule",
@@ -53,8 +54,10 @@ METRIC_KEYS = {
     "usage_entropy",
     "per_task_entropy",
 }
-FAST = {"epochs": 10, "batch_size": 64, "lr": 0.01}
-"""Ten epochs of small batches at a higher rate: the paper's 100 epochs of 512 in seconds."""
+FAST = {"epochs": 10, "batch_size": 64, "lr": 0.01, "weight_decay": 0.0}
+"""Ten epochs of small batches at a higher rate, without weight decay: the paper's 100
+epochs of 512 in seconds (with the MoE's weight decay 1e-3, nine features of 8 x 8 digits
+die within an epoch)."""
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +93,16 @@ def moe_run(stores, tmp_path_factory):
     return out, summary, evaluate_gated_checkpoint(out / "best.pt", stores["test"])
 
 
-def test_expectation_moe_learns_digits(moe_run):
-    # Measured: test accuracy 73-83 % over seeds 0-3 (chance 10 %).
-    _, summary, result = moe_run
+def test_expectation_moe_learns_digits_and_the_last_epoch_is_kept(moe_run):
+    out, summary, result = moe_run
     assert summary["val_metrics"]["val_accuracy"] > 50
     assert result["metrics"]["test_accuracy"] > 50
     assert summary["epochs"] == 10 and summary["family"] == "gated"
+    # the official code tests the last epoch's model: best.pt holds epoch 9
+    assert summary["best_epoch"] == 9 and result["kept"] == "last epoch"
+    history = read_history(out)
+    assert float(history[-1]["val_accuracy"]) == pytest.approx(result["last_val_accuracy"])
+    assert result["val_accuracy"] == pytest.approx(result["last_val_accuracy"])
 
 
 def test_evaluation_json_has_every_key(moe_run, stores):
@@ -106,6 +113,7 @@ def test_evaluation_json_has_every_key(moe_run, stores):
     assert result["label"] == "expectation" and result["options"] == {"experts": 4}
     assert result["top_k"] == 1 and result["attentive"] is False
     assert result["experts"] == 4 and result["routing_rule"] == "argmax"
+    assert result["architecture"] == "mnist" and result["hard_routing"] is False
     matrix = result["routing"]["matrix"]
     assert len(matrix) == 4 and all(len(row) == 10 for row in matrix)
     assert sum(map(sum, matrix)) == 359  # every test image (20 % of 1,797) routed once
@@ -165,29 +173,118 @@ def test_an_interrupted_run_resumes_exactly(stores, tmp_path, monkeypatch, varia
     assert again["resumed_from_epoch"] == 6
 
 
-def test_single_model_trains_and_matches_the_moe_size(stores, tmp_path):
-    summary = run(stores, spec("gated_single", {"experts": 4}, name="single"), 0, tmp_path)
+def test_single_is_one_expert_with_its_own_recipe(stores, tmp_path):
+    single = spec("gated_single", {"experts": 4}, name="single", weight_decay=None)
+    summary = run(stores, single, 0, tmp_path)
     result = evaluate_gated_checkpoint(tmp_path / "best.pt", stores["test"])
-    assert result["metrics"]["test_accuracy"] > 50  # measured 85 %
+    assert result["metrics"]["test_accuracy"] > 30
     assert result["routing"] is None and result["variant"] is None
+    assert result["label"] == "single"
     assert all(result["metrics"][k] is None for k in METRIC_KEYS - {"test_accuracy"})
+    one_expert = build_gated_model("gated_moe", {"experts": 1}, (1, 8, 8), 10).experts
+    assert summary["params"] == sum(p.numel() for p in one_expert.parameters())
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 1e-6  # the code's
+    wide = run(
+        stores,
+        spec("gated_single", {"experts": 4, "params_budget": "match"}, name="wide", epochs=1),
+        0,
+        tmp_path / "wide",
+    )
     moe = build_gated_model("gated_moe", {"experts": 4}, (1, 8, 8), 10)
     moe_params = sum(p.numel() for p in moe.parameters())
-    assert abs(summary["params"] - moe_params) / moe_params < 0.05
+    assert abs(wide["params"] - moe_params) / moe_params < 0.05
+    scored = evaluate_gated_checkpoint(tmp_path / "wide" / "best.pt", stores["test"])
+    assert scored["label"] == "single (mixture-sized)"
 
 
-def test_distilled_gate_trains_only_the_gate(moe_run, stores, tmp_path):
-    teacher_dir, _, _ = moe_run
-    options = {"teacher": str(teacher_dir / "best.pt")}
-    run(stores, spec("gated_distilled", options, name="distilled", epochs=3), 0, tmp_path)
-    student = load_checkpoint(tmp_path / "best.pt")["model"]
-    teacher = load_checkpoint(teacher_dir / "best.pt")["model"]
+def _gate_trunk(state, prefix="gate."):
+    return {
+        k[len(prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(prefix) and not k.startswith(prefix + "out.")
+    }
+
+
+def test_distilled_student_starts_from_the_teachers_trunk_and_trains_it(stores, tmp_path):
+    """The published distilled model: an attentive teacher with L_imp; the student copies
+    its experts (frozen) and its gate trunk (trained on), a fresh output layer, plain CE,
+    Adam without weight decay."""
+    teacher_options = {"experts": 4, "attentive": True, "importance": 0.2}
+    run(stores, spec(options=teacher_options, name="teacher", epochs=3), 0, tmp_path / "t")
+    options = {"teacher": str(tmp_path / "t" / "best.pt")}
+    student_spec = spec("gated_distilled", options, name="distilled", epochs=3, weight_decay=None)
+    task_trainer = TaskTrainer(
+        __import__("smoe.train.gated_task", fromlist=["GatedTask"]).GatedTask(
+            student_spec, stores["train"], stores["val"]
+        ),
+        0,
+        tmp_path / "unused",
+        progress=False,
+    )
+    teacher = load_checkpoint(tmp_path / "t" / "best.pt")["model"]
+    at_start = task_trainer.model.state_dict()
+    trunk = _gate_trunk(teacher)
+    assert trunk and all(torch.equal(at_start["gate." + k], v) for k, v in trunk.items())
+    assert task_trainer.optimizer.param_groups[0]["weight_decay"] == 0.0
+    run(stores, student_spec, 0, tmp_path / "s")
+    student = load_checkpoint(tmp_path / "s" / "best.pt")["model"]
     experts = [k for k in teacher if k.startswith("experts.")]
     assert experts and all(torch.equal(student[k], teacher[k]) for k in experts)
-    assert not torch.equal(student["gate.out.weight"], teacher["gate.out.weight"])
-    result = evaluate_gated_checkpoint(tmp_path / "best.pt", stores["test"])
-    assert result["kind"] == "gated_distilled" and result["metrics"]["test_accuracy"] > 50
-    assert result["label"] == "distilled"  # the teacher's gate was not attentive
+    assert any(not torch.equal(student["gate." + k], v) for k, v in trunk.items())
+    assert (
+        "query.weight" not in student and "train_importance" not in read_history(tmp_path / "s")[0]
+    )
+    result = evaluate_gated_checkpoint(tmp_path / "s" / "best.pt", stores["test"])
+    assert result["kind"] == "gated_distilled" and result["metrics"]["test_accuracy"] > 30
+    assert result["label"] == "distilled attentive expectation + L_imp"
+
+
+def test_every_draw_uses_a_generator_on_its_tensors_device(stores, tmp_path, monkeypatch):
+    """Sampling ops (the stochastic routes, CIFAR-10's flips and crops) are given a
+    generator, and one on the device of the tensors they draw for."""
+    calls = []
+    for name in ("multinomial", "rand", "randint"):
+        original = getattr(torch, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            generator = kwargs.get("generator")
+            device = kwargs.get("device") or (args[0].device if _name == "multinomial" else None)
+            calls.append(
+                (
+                    _name,
+                    None if generator is None else generator.device.type,
+                    torch.device(device or "cpu").type,
+                )
+            )
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording)
+    run(stores, spec(options={"experts": 3, "variant": "stochastic"}, epochs=1), 0, tmp_path)
+    augment_cifar(torch.zeros(4, 3, 32, 32), torch.Generator().manual_seed(0))
+    drawn = [call for call in calls if call[0] == "multinomial"]
+    assert drawn and all(g == d for _, g, d in drawn)
+    augmentation = [call for call in calls if call[0] in ("rand", "randint")]
+    assert len(augmentation) == 3 and all(g == d for _, g, d in augmentation)
+
+
+def test_cifar_augmentation_flips_and_crops():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    out = augment_cifar(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    again = augment_cifar(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded
+    padded = torch.nn.functional.pad(torch.cat([x, x.flip(3)]), (4,) * 4, mode="reflect")
+    for n in range(2):  # each output is a 32 x 32 window of the padded image or its mirror
+        windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)  # [2N, C, 9, 9, 32, 32]
+        found = [
+            (a, i, j)
+            for a in (n, n + 2)
+            for i in range(9)
+            for j in range(9)
+            if torch.equal(windows[a, :, i, j], out[n])
+        ]
+        assert found
 
 
 def test_similarity_on_a_trained_networks_features(stores, tmp_path):
@@ -211,30 +308,37 @@ def test_similarity_on_a_trained_networks_features(stores, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind, options, teacher_attentive, label",
+    "kind, options, teacher, label",
     [
-        ("gated_single", {"experts": 4}, False, "single"),
-        ("gated_moe", {}, False, "expectation"),
-        ("gated_moe", {"variant": "topk", "top_k": 2, "importance": 0.5}, False, "top-2 + L_imp"),
-        ("gated_moe", {"variant": "topk", "importance": 0.0}, False, "top-1"),
-        ("gated_moe", {"variant": "em"}, False, "EM"),
+        ("gated_single", {"experts": 4}, None, "single"),
+        ("gated_single", {"params_budget": "match"}, None, "single (mixture-sized)"),
+        ("gated_moe", {}, None, "expectation"),
+        ("gated_moe", {"variant": "topk", "top_k": 2, "importance": 0.5}, None, "top-2 + L_imp"),
+        ("gated_moe", {"variant": "topk", "importance": 0.0}, None, "top-1"),
+        ("gated_moe", {"variant": "em"}, None, "EM"),
         (
             "gated_moe",
             {"variant": "topk", "top_k": 2, "attentive": True, "similarity": {"beta_s": 1}},
-            False,
+            None,
             "attentive top-2 + L_s",
         ),
-        ("gated_moe", {"variant": "stochastic", "attentive": True}, False, "attentive stochastic"),
+        (
+            "gated_moe",
+            {"similarity": {"beta_s": 1, "features": "single.pt"}},
+            None,
+            "expectation + L_s (network features)",
+        ),
+        ("gated_moe", {"variant": "stochastic", "attentive": True}, None, "attentive stochastic"),
         (
             "gated_distilled",
-            {"teacher": "t.pt", "importance": 1.0},
-            True,
-            "distilled attentive + L_imp",
+            {"teacher": "t.pt"},
+            {"attentive": True, "importance": 0.2},
+            "distilled attentive expectation + L_imp",
         ),
     ],
 )
-def test_models_are_named_as_in_the_paper(kind, options, teacher_attentive, label):
-    assert gated_label(kind, options, teacher_attentive) == label
+def test_models_are_named_as_in_the_paper(kind, options, teacher, label):
+    assert gated_label(kind, options, teacher) == label
 
 
 def test_builder_and_spec_checks():
@@ -244,7 +348,8 @@ def test_builder_and_spec_checks():
     )
     resolved = resolve_gated_spec({"name": "m", "kind": "gated_moe"})
     assert resolved.train["epochs"] == 100 and resolved.train["batch_size"] == 512
-    assert resolved.train["lr"] == 1e-3 and resolved.train["weight_decay"] == 1e-3
+    assert resolved.train["lr"] == 1e-3 and resolved.train["weight_decay"] is None
+    assert resolved.train["select"] == {"metric": "val_accuracy", "mode": "last"}
     for bad, match in (
         ({"train": {"batch": 3}}, "train.batch"),
         ({"options": {"expert": 3}}, "expert"),
@@ -254,6 +359,9 @@ def test_builder_and_spec_checks():
         ({"options": {"variant": "mean"}}, "variant"),
         ({"options": {"experts": 2, "top_k": 3}}, "top_k"),
         ({"kind": "gated_distilled"}, "teacher"),
+        ({"kind": "gated_distilled", "options": {"teacher": "t", "importance": 1}}, "importance"),
+        ({"options": {"params_budget": 3}}, "params_budget"),
+        ({"train": {"early_stop": 3}}, "early_stop needs a direction"),
     ):
         with pytest.raises(InputError, match=match):
             resolve_gated_spec({"name": "m", "kind": "gated_moe", **bad})

@@ -70,8 +70,8 @@ def test_the_family_builds_stores_models_metrics_table_and_figures(repo, built):
         rows = list(csv.DictReader(handle))
     assert [row["variant"] for row in rows] == list(section["models"])
     labels = {row["variant"]: row["label"] for row in rows}
-    assert labels["distilled_attentive_importance"] == "distilled attentive + L_imp"
-    assert labels["attentive_top2_similarity"] == "attentive top-2 + L_s"
+    assert labels["distilled_attentive"] == "distilled attentive top-2 + L_s (network features)"
+    assert labels["attentive_top2_similarity"] == "attentive top-2 + L_s (network features)"
     assert all(row["seeds"] == "2" for row in rows)
     html = (gated / "table.html").read_text()
     assert "<table" in html and "Published orderings on our data" in html
@@ -84,7 +84,7 @@ def test_the_distilled_model_reuses_its_teachers_experts_per_seed(repo, built):
     models = built / GATED / "models"
     for seed in (0, 1):
         teacher = torch.load(models / f"attentive_top2_similarity/seed{seed}/best.pt")
-        student = torch.load(models / f"distilled_attentive_importance/seed{seed}/best.pt")
+        student = torch.load(models / f"distilled_attentive/seed{seed}/best.pt")
         experts = [key for key in teacher["model"] if key.startswith("experts.")]
         assert experts
         assert all(torch.equal(teacher["model"][k], student["model"][k]) for k in experts)
@@ -114,7 +114,7 @@ def test_editing_the_teacher_retrains_its_students_only(repo, built, tmp_path):
     result = run_snakemake(repo, built, "gated", "-n", configfile=configfile)
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = re.findall(r"^rule gated_train:\n.*?wildcards: model=(\S+)", result.stdout, re.M | re.S)
-    assert sorted(jobs) == ["attentive_top2_similarity", "distilled_attentive_importance"]
+    assert sorted(jobs) == ["attentive_top2_similarity", "distilled_attentive"]
 
 
 def test_the_report_registers_the_family_under_its_subcategory(repo, built, tmp_path):
@@ -240,14 +240,14 @@ BAD = [
     ),
     (
         "distilled-without-teacher",
-        model_options("distilled_attentive_importance", teacher=None),
-        "config key 'gated.models.distilled_attentive_importance.options.teacher': a "
+        model_options("distilled_attentive", teacher=None),
+        "config key 'gated.models.distilled_attentive.options.teacher': a "
         "gated_distilled model needs the name of the trained gated_moe",
     ),
     (
         "teacher-not-an-moe",
-        model_options("distilled_attentive_importance", teacher="single"),
-        "config key 'gated.models.distilled_attentive_importance.options.teacher': 'single' "
+        model_options("distilled_attentive", teacher="single"),
+        "config key 'gated.models.distilled_attentive.options.teacher': 'single' "
         "is a gated_single; the teacher must be a gated_moe model",
     ),
     (

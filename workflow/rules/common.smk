@@ -619,11 +619,9 @@ def gated_source_inputs(wildcards):
 
 def gated_data_args(wildcards):
     data = GATED["data"]
-    args = [
-        f"--dataset {data['dataset']}",
-        f"--seed {data['seed']}",
-        f"--val-fraction {data['val_fraction']}",
-    ]
+    args = [f"--dataset {data['dataset']}", f"--seed {data['seed']}"]
+    if data["val_fraction"] is not None:  # else the data set's own default
+        args.append(f"--val-fraction {data['val_fraction']}")
     if data["folder"] is not None:
         args.append(f"--folder {shlex.quote(str(data['folder']))}")
     return " ".join(args)
@@ -685,6 +683,7 @@ def gated_train_gpus(wildcards):
 def _gated_train_images():
     """Train images and values per image of the configured data set."""
     sizes = {
+        "mnist5k": (4000, 784),
         "digits": (1438, 64),
         "mnist": (60000, 784),
         "fashion-mnist": (60000, 784),
