@@ -116,3 +116,28 @@ def test_cuda_training_resumes_to_the_uninterrupted_result(stores, tmp_path):
         trainer.run()
     resumed = train(spec(4), stores["train"], stores["val"], 0, tmp_path / "b", progress=False)
     assert resumed["val_metrics"] == pytest.approx(whole["val_metrics"], rel=1e-6)
+
+
+@pytest.mark.parametrize("attentive", [False, True])
+def test_stochastic_gated_variants_train_on_cuda(tmp_path, attentive):
+    """The stochastic routes are drawn on the GPU from the trainer's `routes` stream (a CPU
+    generator with CUDA probabilities would raise), and a resumed run draws the same."""
+    from smoe.data.image_store import write_image_split
+    from smoe.train.gated_task import evaluate_gated_checkpoint, train_gated
+
+    stores = {
+        split: write_image_split("digits", None, split, 0, 0.1, tmp_path / f"{split}.zarr")
+        for split in ("train", "val", "test")
+    }
+    spec = {
+        "name": "stochastic",
+        "kind": "gated_moe",
+        "options": {"experts": 3, "variant": "stochastic", "attentive": attentive},
+        "train": {"epochs": 2, "batch_size": 64, "device": "cuda", "progress": False},
+    }
+    summary = train_gated(spec, stores["train"], stores["val"], 0, tmp_path / "m")
+    assert summary["device"].startswith("cuda")
+    result = evaluate_gated_checkpoint(tmp_path / "m" / "best.pt", stores["test"])
+    assert 0 <= result["metrics"]["test_accuracy"] <= 100
+    saved = torch.load(tmp_path / "m" / "last.pt", weights_only=True)
+    assert saved["streams"]["routes"]["device"] == "cuda"
