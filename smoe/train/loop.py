@@ -71,11 +71,20 @@ class TrainingError(InputError):
 
 def use_deterministic_algorithms(device: torch.device) -> None:
     """Bit-reproducible training (and so exact resumes) on CPU and, via cuBLAS's fixed
-    workspace, on CUDA; must run before the first cuBLAS call of the process."""
+    workspace, on CUDA; must run before the first cuBLAS call of the process.
+
+    ``torch.use_deterministic_algorithms`` also imports ``torch._inductor`` to set the
+    compiler's flag, 3 s of a job's start-up on a 2-core machine; nothing here is compiled
+    by inductor, so the switch the eager operators read is set alone (the public function
+    where this torch has no such switch)."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
+    switch = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if switch is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        switch(True, warn_only=False)
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None) -> list[dict[str, Any]]:
