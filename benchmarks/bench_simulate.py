@@ -4,9 +4,9 @@ Times, interleaved in one process on one machine (shared machines are noisy, so 
 measured together mean anything; medians over repeats are quoted):
 
 * reference: the original algorithm (Python loops over runs and steps, one scipy
-  ``convolve2d`` per region type; :mod:`smoe.data.reference`), frames kept in memory;
+  ``convolve2d`` per region type; :mod:`smoe.families.heat.reference`), frames kept in memory;
 * ours, in memory: the kernel on dask threads, no disk: the compiled loop
-  (:mod:`smoe.data.heat_loop`) and the numpy kernel it replaced, both bit for bit the same;
+  (:mod:`smoe.families.heat.heat_loop`) and the numpy kernel it replaced, both bit for bit the same;
 * ours, end to end: ``simulate_split``, the function behind ``smoe simulate``, writing a
   fresh zarr store (default lz4 compression), with its process CPU time (user, system);
 
@@ -34,12 +34,12 @@ import dask
 import numpy as np
 import zarr
 
-from smoe.data import heat_loop
-from smoe.data.choices import task_runs
-from smoe.data.heat import HeatParams, plan_runs, simulate_plan
-from smoe.data.mask import generate_mask
-from smoe.data.reference import reference_generate
-from smoe.data.store import keep_freed_memory_mapped, simulate_split
+from smoe.families.heat import heat_loop
+from smoe.families.heat.choices import task_runs
+from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.reference import reference_generate
+from smoe.families.heat.store import keep_freed_memory_mapped, simulate_split
 
 PAPER = HeatParams((0.0025, 0.025, 0.25), steps=100)
 
@@ -114,7 +114,7 @@ def encode_seconds(frames: list[np.ndarray], encoded: list[bytes]) -> float:
     """Seconds to compress every chunk with the store's codec, one after another (one core)."""
     from numcodecs import Blosc
 
-    # The store's codec (smoe.data.store.compressors("lz4")): blosc lz4, level 5, byte
+    # The store's codec (smoe.families.heat.store.compressors("lz4")): blosc lz4, level 5, byte
     # shuffle, 4-byte items, automatic block size.
     codec = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, typesize=4)
     start = time.perf_counter()

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smoe.data.dataset import HeatPairs, loader
-from smoe.data.mask import generate_mask
-from smoe.models.routing import RoutingOptions
-from smoe.models.smoe import SMoELayer
+from smoe.families.heat.dataset import HeatPairs, loader
+from smoe.families.heat.mask import generate_mask
+from smoe.nn.routing import RoutingOptions
+from smoe.nn.layer import SMoELayer
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +94,7 @@ def bench_layers(device, repeats: int) -> None:
 
 
 def bench_training_vs_loader(store: Path, device, repeats: int) -> None:
-    from smoe.models.smoe import SMoENet
+    from smoe.nn.layer import SMoENet
 
     dataset = HeatPairs(store)
     mask = dataset.mask
@@ -155,7 +155,7 @@ def bench_training_vs_loader(store: Path, device, repeats: int) -> None:
 
 
 def bench_gpu_epochs(store: Path, repeats: int) -> None:
-    from smoe.models.smoe import SMoENet
+    from smoe.nn.layer import SMoENet
 
     device = torch.device("cuda")
     dataset = HeatPairs(store)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smoe import __version__
-from smoe.errors import InputError, describe_os_error, one_line
+from smoe.core.errors import InputError, describe_os_error, one_line
 
 MAX_TRAIN_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 32 bits
 MAX_DATA_SEED = 2**63 - 1  # stores record the seed as int64
@@ -82,7 +82,7 @@ def _add_mask(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_mask(args: argparse.Namespace) -> None:
-    from smoe.data.mask import check_mask, generate_mask, load_mask, plot_mask, save_mask
+    from smoe.families.heat.mask import check_mask, generate_mask, load_mask, plot_mask, save_mask
 
     if args.source is not None:
         mask = check_mask(load_mask(args.source), args.types, f"mask file {str(args.source)!r}")
@@ -102,8 +102,8 @@ def _run_mask(args: argparse.Namespace) -> None:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from smoe.data.choices import COMPRESSIONS, SCHEDULERS
-    from smoe.data.heat import BOUNDARIES, INIT_KINDS
+    from smoe.families.heat.choices import COMPRESSIONS, SCHEDULERS
+    from smoe.families.heat.simulation import BOUNDARIES, INIT_KINDS
 
     p = sub.add_parser(
         "simulate",
@@ -189,9 +189,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> None:
-    from smoe.data.heat import HeatParams
-    from smoe.data.mask import check_mask, load_mask
-    from smoe.data.store import keep_freed_memory_mapped, simulate_split
+    from smoe.families.heat.simulation import HeatParams
+    from smoe.families.heat.mask import check_mask, load_mask
+    from smoe.families.heat.store import keep_freed_memory_mapped, simulate_split
 
     replacing = args.out.is_dir()
     keep_freed_memory_mapped()
@@ -243,7 +243,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from smoe.data.store import export_netcdf
+    from smoe.families.heat.store import export_netcdf
 
     out = export_netcdf(args.store, args.out, progress=args.progress, workers=args.workers)
     print(f"wrote {out}")
@@ -291,7 +291,7 @@ def _relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> i
     """With ``--processes N`` > 1 outside torchrun, run this very command line on N
     processes (``torchrun --standalone``) and return its exit status; None to go on here.
     Under torchrun, ``--processes`` must be the number torchrun started."""
-    from smoe.train.distributed import launched, smoe_command
+    from smoe.core.train.distributed import launched, smoe_command
 
     processes = getattr(args, "processes", 1)
     world = launched()
@@ -322,9 +322,9 @@ def _relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> i
 def _run_train(args: argparse.Namespace) -> None:
     import json
 
-    from smoe.config import load_config, model_spec, validate_spec
-    from smoe.train.distributed import is_main
-    from smoe.train.loop import train
+    from smoe.core.config import load_config, model_spec, validate_spec
+    from smoe.core.train.distributed import is_main
+    from smoe.core.train.loop import train
 
     if args.config is not None:
         if not args.model:
@@ -380,8 +380,8 @@ def _add_tune_lr(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune_lr(args: argparse.Namespace) -> None:
-    from smoe.config import load_config, model_spec
-    from smoe.train.tune import tune_lr
+    from smoe.core.config import load_config, model_spec
+    from smoe.families.heat.tune import tune_lr
 
     spec = model_spec(load_config(args.config), args.model)
     result = tune_lr(
@@ -433,7 +433,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from smoe.train.evaluate import evaluate_checkpoint, write_json
+    from smoe.families.heat.evaluate import evaluate_checkpoint, write_json
 
     result = evaluate_checkpoint(
         args.checkpoint, args.store, args.device, args.routing_map, args.predictions
@@ -477,12 +477,12 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         "summary.csv, summary.md and summary.html: mean +- std over seeds per model (the mean "
         "alone with one seed), overall and per region "
         "type, with published reference figures where they apply.",
-        writer="smoe.report.aggregate:aggregate",
+        writer="smoe.families.heat.aggregate:aggregate",
     )
 
 
 def _add_cluster_data(sub: argparse._SubParsersAction) -> None:
-    from smoe.data.clusters import SETTING_KEYS, SETTINGS, SPLITS
+    from smoe.families.clusters.data import SETTING_KEYS, SETTINGS, SPLITS
 
     fields = ", ".join(key for key in SETTING_KEYS if key != "setting")
     p = sub.add_parser(
@@ -549,8 +549,8 @@ def cluster_overrides(items: Sequence[str]) -> dict:
 def _run_cluster_data(args: argparse.Namespace) -> None:
     import re
 
-    from smoe.data.cluster_store import write_cluster_split
-    from smoe.data.clusters import make_setting
+    from smoe.families.clusters.store import write_cluster_split
+    from smoe.families.clusters.data import make_setting
 
     replacing = args.out.is_dir()
     overrides = cluster_overrides(args.overrides)
@@ -597,7 +597,7 @@ def _cluster_spec_argument(args: argparse.Namespace):
     """The model spec of --config/--model or --spec, validated like the workflow's."""
     import json
 
-    from smoe.config import cluster_model_spec, load_config, validate_cluster_spec
+    from smoe.core.config import cluster_model_spec, load_config, validate_cluster_spec
 
     if args.config is not None:
         if not args.model:
@@ -612,11 +612,11 @@ def _cluster_spec_argument(args: argparse.Namespace):
 
 def _run_cluster_train(args: argparse.Namespace) -> None:
 
-    from smoe.data.cluster_store import open_cluster_split
+    from smoe.families.clusters.store import open_cluster_split
 
     spec = _cluster_spec_argument(args)
     open_cluster_split(args.train_store)  # a missing or damaged store, named, before torch
-    from smoe.train.cluster_task import train_cluster
+    from smoe.families.clusters.task import train_cluster
 
     summary = train_cluster(spec, args.train_store, args.seed, args.out, args.progress)
     print(
@@ -652,14 +652,14 @@ def _add_cluster_run(sub: argparse._SubParsersAction) -> None:
 
 def _run_cluster_run(args: argparse.Namespace) -> None:
 
-    from smoe.data.cluster_store import open_cluster_split
+    from smoe.families.clusters.store import open_cluster_split
 
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds lists a seed twice: {args.seeds}")
     spec = _cluster_spec_argument(args)
     for store in (args.train_store, args.test_store):
         open_cluster_split(store)  # a missing or damaged store, named, before torch
-    from smoe.train.cluster_task import run_cluster_seeds
+    from smoe.families.clusters.task import run_cluster_seeds
 
     results = run_cluster_seeds(
         spec,
@@ -695,7 +695,7 @@ def _add_cluster_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cluster_evaluate(args: argparse.Namespace) -> None:
-    from smoe.data.cluster_store import open_cluster_split
+    from smoe.families.clusters.store import open_cluster_split
 
     if not args.checkpoint.is_file():
         raise InputError(
@@ -703,8 +703,8 @@ def _run_cluster_evaluate(args: argparse.Namespace) -> None:
         )
     for store in (args.store, args.train_store):
         open_cluster_split(store)  # a missing or damaged store, named, before torch
-    from smoe.train.cluster_task import evaluate_cluster_checkpoint
-    from smoe.train.evaluate import write_json
+    from smoe.families.clusters.task import evaluate_cluster_checkpoint
+    from smoe.families.heat.evaluate import write_json
 
     result = evaluate_cluster_checkpoint(args.checkpoint, args.store, args.train_store)
     write_json(result, args.out)
@@ -725,7 +725,7 @@ def _add_cluster_table(sub: argparse._SubParsersAction) -> None:
         description="Aggregate metrics JSON files of smoe cluster-evaluate into table.csv, "
         "table.md and table.html: test accuracy (and, for an MoE, dispatch entropy) per setting "
         "and model, mean +- std over seeds, beside the figures Chen et al. (2022) publish.",
-        writer="smoe.report.cluster_table:cluster_table",
+        writer="smoe.families.clusters.table:cluster_table",
     )
 
 
@@ -802,7 +802,7 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_figure(args: argparse.Namespace) -> None:
-    from smoe.report import figures
+    from smoe.families.heat import figures
 
     needs = {
         "routing": ("metrics", "mask"),
@@ -821,7 +821,7 @@ def _run_figure(args: argparse.Namespace) -> None:
         if not getattr(args, option):
             raise InputError(f"figure {args.kind!r} needs --{option}")
     if args.kind == "routing":
-        from smoe.data.mask import load_mask
+        from smoe.families.heat.mask import load_mask
 
         paths = figures.routing_figure(
             load_mask(args.mask), figures.load_metrics(args.metrics), args.out, args.metrics
@@ -835,28 +835,28 @@ def _run_figure(args: argparse.Namespace) -> None:
             figures.load_metrics(args.metrics), args.out, sources=args.metrics
         )
     elif args.kind == "dynamics":
-        from smoe.report.dynamics import dynamics_figure
+        from smoe.families.heat.dynamics import dynamics_figure
 
         paths = dynamics_figure(figures.load_histories(args.histories), args.out)
     elif args.kind == "experts":
-        from smoe.report.dynamics import expert_region_figure
+        from smoe.families.heat.dynamics import expert_region_figure
 
         paths = expert_region_figure(
             figures.load_metrics(args.metrics), args.out, sources=args.metrics
         )
     elif args.kind == "dispatch":
-        from smoe.report.cluster_figures import dispatch_figure
-        from smoe.report.cluster_table import load_cluster_results
+        from smoe.families.clusters.figures import dispatch_figure
+        from smoe.families.clusters.table import load_cluster_results
 
         paths = dispatch_figure(load_cluster_results(args.metrics), args.out)
     elif args.kind == "projection":
-        from smoe.data.cluster_store import open_cluster_split
-        from smoe.report.cluster_figures import projection_figure
+        from smoe.families.clusters.store import open_cluster_split
+        from smoe.families.clusters.figures import projection_figure
 
         open_cluster_split(args.store)  # a missing or damaged store, named
         paths = projection_figure(args.store, args.out)
     elif args.kind in ("gated-routing", "accuracy-usage"):
-        from smoe.report import gated_figures
+        from smoe.families.gated import figures as gated_figures
 
         draw = {
             "gated-routing": gated_figures.plot_gated_routing,
@@ -883,7 +883,7 @@ def _add_check_config(sub: argparse._SubParsersAction) -> None:
 def _run_check_config(args: argparse.Namespace) -> None:
     import yaml
 
-    from smoe.config import load_config
+    from smoe.core.config import load_config
 
     print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
 
@@ -909,10 +909,10 @@ def _add_provenance(sub: argparse._SubParsersAction) -> None:
 def _run_provenance(args: argparse.Namespace) -> None:
     import json
 
-    from smoe.report.provenance import write_provenance
+    from smoe.core.report.provenance import write_provenance
 
     if args.config is not None:
-        from smoe.config import load_config
+        from smoe.core.config import load_config
 
         config = load_config(args.config)
     else:
@@ -927,7 +927,7 @@ def _run_provenance(args: argparse.Namespace) -> None:
 
 
 def _add_gated(sub: argparse._SubParsersAction) -> None:
-    from smoe.cli_gated import add_gated_commands
+    from smoe.families.gated.cli import add_gated_commands
 
     add_gated_commands(sub, _seed(MAX_TRAIN_SEED), _seed(MAX_DATA_SEED))
 
@@ -984,7 +984,7 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
         beside = [args.out.with_name(name) for name in ("config.yaml", "versions.json")]
         return [args.config], [(path, "file") for path in (args.out, *beside)]
     if command == "aggregate":
-        from smoe.report.aggregate import OUTPUTS
+        from smoe.families.heat.aggregate import OUTPUTS
 
         tables = [args.out_dir / name for name in OUTPUTS.values()]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
@@ -1003,11 +1003,11 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
         tables = [args.out_dir / name for name in CLUSTER_TABLES]
         return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
     if command.startswith("gated-"):
-        from smoe.cli_gated import gated_paths
+        from smoe.families.gated.cli import gated_paths
 
         return gated_paths(args)
     if command == "figure":
-        from smoe.report.figures import figure_paths
+        from smoe.families.heat.figures import figure_paths
 
         inputs = [*args.metrics, args.mask, *args.predictions, *args.histories, args.store]
         return inputs, [(path, "file") for path in figure_paths(args.out)]
@@ -1017,7 +1017,7 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that cannot be written or that would overwrite an
     input or each other."""
-    from smoe.atomic import check_output
+    from smoe.core.atomic import check_output
 
     inputs, outputs = _paths(args)
     outputs = [(Path(path), kind) for path, kind in outputs if path is not None]

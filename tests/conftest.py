@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.data.mask import generate_mask
+from smoe.families.heat.mask import generate_mask
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from smoe.cli import main
-from smoe.data.store import open_store
+from smoe.families.heat.store import open_store
 
 
 def smoe(*args: str) -> subprocess.CompletedProcess:

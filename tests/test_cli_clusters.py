@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from smoe.config import cluster_model_spec, validate_config
-from smoe.data.cluster_store import open_cluster_split, write_cluster_split
-from smoe.data.clusters import make_setting
+from smoe.core.config import cluster_model_spec, validate_config
+from smoe.families.clusters.store import open_cluster_split, write_cluster_split
+from smoe.families.clusters.data import make_setting
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def tiny_config(**options) -> dict:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """The workspace every case starts from (copied, never changed)."""
-    from smoe.train.cluster_task import evaluate_cluster_checkpoint, train_cluster
-    from smoe.train.evaluate import write_json
+    from smoe.families.clusters.task import evaluate_cluster_checkpoint, train_cluster
+    from smoe.families.heat.evaluate import write_json
 
     root = tmp_path_factory.mktemp("pristine_clusters")
     setting = make_setting({"setting": "s1", **SIZES})

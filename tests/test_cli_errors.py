@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import zarr
 
-from smoe.config import model_spec, validate_config
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.train.evaluate import evaluate_checkpoint, write_json
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.families.heat.evaluate import evaluate_checkpoint, write_json
+from smoe.core.train.loop import train
 
 pytestmark = pytest.mark.slow
 

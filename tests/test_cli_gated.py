@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoe.data.image_store import open_image_split, write_image_split
+from smoe.families.gated.store import open_image_split, write_image_split
 
 SPEC = {
     "name": "moe",

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from smoe import option_schema
-from smoe.config import (
+from smoe.core import options as option_schema
+from smoe.core.config import (
     Config,
     close_metric_name,
     computable_metrics,
@@ -19,13 +19,13 @@ from smoe.config import (
     validate_config,
     validate_spec,
 )
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.models import baselines, gates, layers, names, routing
-from smoe.models import smoe as smoe_module
-from smoe.models.registry import DATA_ARGUMENTS, MODELS, build_model
-from smoe.train.metrics import MetricAccumulator, close_name
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.families.heat import baselines, gates, layers, names, routing
+from smoe.nn import layer as smoe_module
+from smoe.families.heat.registry import DATA_ARGUMENTS, MODELS, build_model
+from smoe.families.heat.metrics import MetricAccumulator, close_name
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])
@@ -531,7 +531,7 @@ def test_cpu_and_auto_never_look_for_a_gpu(monkeypatch):
 
 def test_validation_does_not_import_torch():
     code = (
-        "import sys, smoe.config as c; "
+        "import sys, smoe.core.config as c; "
         "c.validate_config({'models': {'s': {'kind': 'smoe', 'options': {'gate': 'conv'}}}}); "
         "print('torch' in sys.modules)"
     )
@@ -632,7 +632,7 @@ def test_a_workflow_spec_passes_and_fills_nothing_new():
 
 import json  # noqa: E402
 
-from smoe.config import (  # noqa: E402
+from smoe.core.config import (  # noqa: E402
     cluster_model_spec,
     cluster_models_to_run,
     cluster_setting,
@@ -700,8 +700,8 @@ def test_shipped_configs_run_the_cluster_family_at_their_sizes(repo):
 
 
 def test_the_schema_names_every_setting_and_setting_field():
-    from smoe.config import load_schema
-    from smoe.data.clusters import SETTING_KEYS, SETTINGS
+    from smoe.core.config import load_schema
+    from smoe.families.clusters.data import SETTING_KEYS, SETTINGS
 
     section = load_schema()["properties"]["clusters"]["properties"]
     assert section["settings"]["items"]["enum"] == list(SETTINGS)
@@ -714,7 +714,7 @@ def test_cluster_option_schema_matches_the_builder(kind):
     """Names and defaults of the torch-free schema are the builder's (its constructors'
     signatures; a single CNN's init_scale is the builder's own default). ``classes`` is not
     an option: the data have two."""
-    from smoe.models import clusters as cluster_models
+    from smoe.families.clusters import models as cluster_models
 
     constructor = cluster_models.ClusterMoE if kind == "cluster_moe" else cluster_models.PatchCNN
     params = inspect.signature(constructor).parameters
@@ -731,7 +731,7 @@ def test_cluster_option_schema_matches_the_builder(kind):
 
 
 def test_cluster_epochs_by_kind_equal_the_trainer():
-    from smoe.train.cluster_task import EPOCHS
+    from smoe.families.clusters.task import EPOCHS
 
     assert option_schema.CLUSTER_EPOCHS == EPOCHS
 
@@ -822,7 +822,7 @@ def test_cluster_spec_keys_each_kind_only_what_it_takes():
 
 
 def test_a_cluster_spec_passes_its_own_check_and_the_trainer_unchanged():
-    from smoe.train.cluster_task import resolve_cluster_spec
+    from smoe.families.clusters.task import resolve_cluster_spec
 
     config = validate_config(CLUSTERS_ON)
     for name in ("moe", "single"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from smoe.config import validate_config
-from smoe.errors import InputError
-from smoe.gated_config import gated_dependencies, gated_model_spec, gated_models_to_run
+from smoe.core.config import validate_config
+from smoe.core.errors import InputError
+from smoe.families.gated.config import gated_dependencies, gated_model_spec, gated_models_to_run
 
 
 def config_with(**gated):
@@ -53,8 +53,8 @@ def test_the_shipped_configs_run_the_embedded_mnist_subset(repo, name):
 
 
 def test_the_paper_config_has_every_published_mnist_row_with_its_weights(repo):
-    from smoe.report.gated_table import load_gated_references
-    from smoe.train.gated_spec import gated_label
+    from smoe.families.gated.table import load_gated_references
+    from smoe.families.gated.spec import gated_label
 
     config = validate_config(yaml.safe_load((repo / "config" / "paper.yaml").read_text()))
     models = config["gated"]["models"]

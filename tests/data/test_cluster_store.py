@@ -8,17 +8,17 @@ import pytest
 import xarray as xr
 
 from smoe import __version__
-from smoe.data import cluster_store
-from smoe.data.cluster_store import (
+from smoe.families.clusters import store as cluster_store
+from smoe.families.clusters.store import (
     VARIABLES,
     cluster_inconsistencies,
     cluster_provenance,
     open_cluster_split,
     write_cluster_split,
 )
-from smoe.data.clusters import generate_split, make_setting
-from smoe.data.provenance import fingerprint
-from smoe.errors import InputError
+from smoe.families.clusters.data import generate_split, make_setting
+from smoe.core.provenance import fingerprint
+from smoe.core.errors import InputError
 
 SETTING = make_setting({"setting": "s2", "n_train": 5000, "n_test": 700})
 

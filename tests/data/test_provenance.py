@@ -6,12 +6,12 @@ import sys
 import pytest
 import zarr
 
-from smoe.config import model_spec, validate_config
-from smoe.data.dataset import HeatPairs
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.dataset import HeatPairs
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.core.train.loop import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=4)
 

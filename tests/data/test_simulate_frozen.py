@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from smoe.data.heat import (
+from smoe.families.heat.simulation import (
     HeatParams,
     _set_sources,
     diffusivity_map,
@@ -23,8 +23,8 @@ from smoe.data.heat import (
     simulate,
     simulate_plan,
 )
-from smoe.data.mask import generate_mask
-from smoe.data.store import compressors, heat_dataset, simulate_split, store_attrs
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.store import compressors, heat_dataset, simulate_split, store_attrs
 
 
 def _reference_simulate(initial, mask, params, plan, dtype=np.float32):
@@ -272,9 +272,9 @@ def test_other_compressions_give_the_reference_writers_files(tmp_path, compressi
 
 @pytest.mark.parametrize("case", range(8))
 def test_compiled_loop_gives_the_numpy_kernels_bits(case, monkeypatch):
-    """Without re-injected heat or clipping the update runs as smoe.data.heat_loop's compiled
+    """Without re-injected heat or clipping the update runs as smoe.families.heat.heat_loop's compiled
     loop; switched off, the numpy kernel must give the same float64 bits."""
-    from smoe.data import heat_loop
+    from smoe.families.heat import heat_loop
 
     assert heat_loop.available(), "numba is a dependency: the compiled loop must run"
     rng = np.random.default_rng(2000 + case)

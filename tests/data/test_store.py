@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from smoe.data.choices import chunk_runs, task_runs
-from smoe.data.heat import HeatParams, plan_runs, simulate_plan
-from smoe.data.store import export_netcdf, open_store, simulate_split
-from smoe.errors import InputError
+from smoe.families.heat.choices import chunk_runs, task_runs
+from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
+from smoe.families.heat.store import export_netcdf, open_store, simulate_split
+from smoe.core.errors import InputError
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 
@@ -164,7 +164,7 @@ def test_an_existing_output_is_replaced_only_if_it_is_a_store_and_overwrite_is_g
 
 
 def test_atomic_outputs_refuse_the_wrong_kind_before_the_block_runs(tmp_path):
-    from smoe.atomic import atomic_directory, atomic_file, check_output
+    from smoe.core.atomic import atomic_directory, atomic_file, check_output
 
     (tmp_path / "file").write_text("mine")
     (tmp_path / "folder").mkdir()
@@ -215,7 +215,7 @@ def test_damaged_stores_are_refused_naming_the_file_or_chunk(tmp_path, store):
 
 
 def test_undecodable_chunks_are_named_when_read(tmp_path, store):
-    from smoe.data.store import bad_field_chunks, field_reads
+    from smoe.families.heat.store import bad_field_chunks, field_reads
 
     truncated = _damaged_copy(store, tmp_path, "truncated.zarr")
     chunk = truncated / "u" / "c" / "1" / "0" / "0" / "0"

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from smoe.config import model_spec, validate_config
-from smoe.data.dataset import HeatPairs
-from smoe.data.heat import HeatParams
-from smoe.data.store import open_store, simulate_split
-from smoe.errors import InputError
-from smoe.models.analytic import GeneratorPredictor, StencilPredictor
-from smoe.train.evaluate import evaluate_checkpoint
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.dataset import HeatPairs
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import open_store, simulate_split
+from smoe.core.errors import InputError
+from smoe.families.heat.analytic import GeneratorPredictor, StencilPredictor
+from smoe.families.heat.evaluate import evaluate_checkpoint
+from smoe.core.train.loop import train
 
 DIFFUSIVITY = (0.0025, 0.025, 0.25)
 

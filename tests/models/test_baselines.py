@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.models.baselines import BASELINES, CondConv2d
-from smoe.models.layers import LocallyConnected2d, make_activation
+from smoe.families.heat.baselines import BASELINES, CondConv2d
+from smoe.nn.layers import LocallyConnected2d, make_activation
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.errors import InputError
-from smoe.models.clusters import (
+from smoe.core.errors import InputError
+from smoe.families.clusters.models import (
     ClusterMoE,
     ClusterRouter,
     NormalizedGD,
@@ -16,7 +16,7 @@ from smoe.models.clusters import (
     loss_function,
     single_loss,
 )
-from smoe.train.cluster_metrics import accuracy, dispatch_entropy, dispatch_matrix
+from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
 
 
 def make_clusters(n, seed, dim=50, clusters=4, basis=None):
@@ -401,9 +401,9 @@ def test_cluster_optimizer_defaults():
 def fit(model, x, y, epochs, early_stop):
     """Full-batch training as the official code: at most ``epochs``, each kind on its own
     loss (:func:`loss_function`); with ``early_stop`` the kind's official stop on the loss
-    before each step (:func:`smoe.train.cluster_task.official_stop`), that epoch's step not
+    before each step (:func:`smoe.families.clusters.task.official_stop`), that epoch's step not
     taken."""
-    from smoe.train.cluster_task import STOP_DEFAULTS, official_stop
+    from smoe.families.clusters.task import STOP_DEFAULTS, official_stop
 
     kind = "cluster_moe" if isinstance(model, ClusterMoE) else "cluster_single"
     opt, loss_of, losses = cluster_optimizer(model), loss_function(model), []

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.errors import InputError
-from smoe.models.gated import (
+from smoe.core.errors import InputError
+from smoe.families.gated.models import (
     EPS,
     AttentiveTrunk,
     Expert,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.errors import InputError
-from smoe.models.routing import (
+from smoe.core.errors import InputError
+from smoe.nn.routing import (
     RouteFunction,
     RoutingOptions,
     rc_labels,
@@ -175,7 +175,7 @@ def test_mse_error_scale_recovers_the_pointwise_error():
     options = RoutingOptions(experts=3, k=1, rc_loss=True, quantile=0.5)
     out, _ = RouteFunction.apply(y, logits, logits, options, {})
     F.mse_loss(out, target).backward()  # dL/dout = 2 (out - y) / N
-    from smoe.models.routing import per_point_error
+    from smoe.nn.routing import per_point_error
 
     grad = 2 * (out.detach() - target) / out.numel()
     torch.testing.assert_close(per_point_error(grad, "mse"), (out.detach() - target).abs().sum(2))
@@ -225,7 +225,7 @@ def _scaled_step(scale, use_scaler=False, device="cpu"):
     """One training step of the paper's heat SMoE (RC loss, damping) with the loss multiplied
     by ``scale`` before backward; returns the unscaled gradients and the routing stats. On
     CUDA the forward runs under fp16 autocast, as the paper's runs did."""
-    from smoe.models.smoe import SMoENet, set_loss_scale
+    from smoe.nn.layer import SMoENet, set_loss_scale
 
     torch.manual_seed(0)
     model = SMoENet(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.models.routing import (
+from smoe.nn.routing import (
     DAMPING_TOLERANCE,
     RC_TOLERANCE,
     RouteFunction,
@@ -176,7 +176,7 @@ def test_compiled_cpu_backward_equals_the_torch_path(options, monkeypatch):
     """The paper's layer (latent gate, top-1, RC loss) takes routing_cpu's compiled loop on
     the CPU; with it switched off the torch path must give the same gradients and logged
     values bit for bit, ties in the errors included."""
-    from smoe.models import routing_cpu
+    from smoe.nn import routing_cpu
 
     assert routing_cpu.available(), "numba is a dependency: the compiled path must run"
     options = RoutingOptions(**{"experts": 3, "k": 1, "rc_loss": True, **options})
@@ -227,7 +227,7 @@ def test_compiled_cpu_backward_is_only_taken_where_it_is_exact():
 
 @pytest.mark.parametrize("quantile", [0.0, 0.3, 0.5, 0.77, 1.0])
 def test_compiled_path_thresholds_are_sample_quantile_bit_for_bit(quantile):
-    from smoe.models import routing_cpu
+    from smoe.nn import routing_cpu
 
     g = torch.Generator().manual_seed(5)
     err = torch.rand(9, 1, 13, 11, generator=g)
@@ -241,7 +241,7 @@ def test_compiled_path_thresholds_are_sample_quantile_bit_for_bit(quantile):
 def test_compiled_loop_decides_like_the_torch_masks_at_the_thresholds(factor):
     """Errors exactly at a threshold: damping is strictly above it, a correct selection at
     or below it, as the torch path's masks."""
-    from smoe.models import routing_cpu
+    from smoe.nn import routing_cpu
 
     g = torch.Generator().manual_seed(6)
     batch, points, experts = 6, 40, 3

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from smoe.data.mask import generate_mask
-from smoe.data.reference import reference_stencil
-from smoe.errors import InputError
-from smoe.models.gates import GATES, build_gate
-from smoe.models.names import GATE_NAMES, MODEL_KINDS
-from smoe.models.registry import MODELS, build_model, parameter_count
-from smoe.models.smoe import SMoENet, auxiliary_loss, smoe_layers
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.reference import reference_stencil
+from smoe.core.errors import InputError
+from smoe.nn.gates import GATES, build_gate
+from smoe.families.heat.names import GATE_NAMES, MODEL_KINDS
+from smoe.families.heat.registry import MODELS, build_model, parameter_count
+from smoe.nn.layer import SMoENet, auxiliary_loss, smoe_layers
 
 MASK = torch.as_tensor(generate_mask(8, 9, 3, seed=1))
 

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from smoe.data.heat import HeatParams
-from smoe.data.mask import generate_mask
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.report.aggregate import (
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.families.heat.aggregate import (
     REFERENCES,
     aggregate,
     applicable_references,

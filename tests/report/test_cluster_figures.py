@@ -5,17 +5,17 @@ import re
 import numpy as np
 import pytest
 
-from smoe.data.cluster_store import open_cluster_split, write_cluster_split
-from smoe.data.clusters import make_setting
-from smoe.errors import InputError
-from smoe.report.cluster_figures import (
+from smoe.families.clusters.store import open_cluster_split, write_cluster_split
+from smoe.families.clusters.data import make_setting
+from smoe.core.errors import InputError
+from smoe.families.clusters.figures import (
     MAX_POINTS,
     dispatch_figure,
     dispatch_panels,
     projection_figure,
     projection_points,
 )
-from smoe.report.figures import fits_report_viewer
+from smoe.families.heat.figures import fits_report_viewer
 
 
 def panels_in(svg_path):

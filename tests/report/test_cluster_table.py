@@ -7,10 +7,10 @@ import math
 import pytest
 import yaml
 
-from smoe.data.cluster_store import write_cluster_split
-from smoe.data.clusters import make_setting
-from smoe.errors import InputError
-from smoe.report.cluster_table import (
+from smoe.families.clusters.store import write_cluster_split
+from smoe.families.clusters.data import make_setting
+from smoe.core.errors import InputError
+from smoe.families.clusters.table import (
     CSV_COLUMNS,
     REFERENCES,
     cluster_table,

@@ -10,14 +10,14 @@ import pytest
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from smoe.config import model_spec, validate_config
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.report import dynamics as D
-from smoe.report.figures import DPI, load_histories, read_history
-from smoe.train.evaluate import evaluate_checkpoint
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.families.heat import dynamics as D
+from smoe.families.heat.figures import DPI, load_histories, read_history
+from smoe.families.heat.evaluate import evaluate_checkpoint
+from smoe.core.train.loop import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=6)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

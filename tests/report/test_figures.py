@@ -13,10 +13,10 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from smoe.data.mask import generate_mask
-from smoe.errors import InputError
-from smoe.report import figures as F
-from smoe.train.metrics import ATOL
+from smoe.families.heat.mask import generate_mask
+from smoe.core.errors import InputError
+from smoe.families.heat import figures as F
+from smoe.families.heat.metrics import ATOL
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

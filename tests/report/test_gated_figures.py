@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from test_gated_table import result, write
 
-from smoe.errors import InputError
-from smoe.report.figures import fits_report_viewer, png_size
-from smoe.report.gated_figures import (
+from smoe.core.errors import InputError
+from smoe.families.heat.figures import fits_report_viewer, png_size
+from smoe.families.gated.figures import (
     expert_order,
     plot_accuracy_usage,
     plot_gated_routing,
     published_points,
     routing_panels,
 )
-from smoe.report.gated_table import load_gated_runs
+from smoe.families.gated.table import load_gated_runs
 
 
 def models(folder, count, seeds=1):

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from smoe.errors import InputError
-from smoe.report.gated_table import (
+from smoe.core.errors import InputError
+from smoe.families.gated.table import (
     CSV_COLUMNS,
     FAILS,
     HOLDS,

@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from smoe.report.provenance import provenance_page, software_versions, write_provenance
+from smoe.core.report.provenance import provenance_page, software_versions, write_provenance
 
 
 def test_versions_name_the_packages_a_number_depends_on():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.config import model_spec, validate_config
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.train.checkpoint import (
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.core.train.checkpoint import (
     FORMAT,
     capture_rng,
     load_checkpoint,
@@ -20,7 +20,7 @@ from smoe.train.checkpoint import (
     save_atomic,
     seed_everything,
 )
-from smoe.train.loop import Trainer
+from smoe.core.train.loop import Trainer
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=6)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.train.cluster_metrics import accuracy, dispatch_entropy, dispatch_matrix
+from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
 
 
 def test_accuracy_is_the_percentage_of_argmax_hits():

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.data.cluster_store import open_cluster_split, write_cluster_split
-from smoe.data.clusters import make_setting
-from smoe.errors import InputError
-from smoe.models.clusters import ClusterMoE, PatchCNN, build_cluster_model
-from smoe.train.checkpoint import load_checkpoint, stream_seed
-from smoe.train.cluster_metrics import dispatch_entropy
-from smoe.train.cluster_task import (
+from smoe.families.clusters.store import open_cluster_split, write_cluster_split
+from smoe.families.clusters.data import make_setting
+from smoe.core.errors import InputError
+from smoe.families.clusters.models import ClusterMoE, PatchCNN, build_cluster_model
+from smoe.core.train.checkpoint import load_checkpoint, stream_seed
+from smoe.families.clusters.metrics import dispatch_entropy
+from smoe.families.clusters.task import (
     carve_validation,
     evaluate_cluster_checkpoint,
     official_stop,
@@ -25,7 +25,7 @@ from smoe.train.cluster_task import (
     train_cluster,
     write_json,
 )
-from smoe.train.loop import INTERRUPT_ENV, TaskTrainer
+from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer
 
 RESULT_KEYS = {
     "family",
@@ -553,7 +553,7 @@ def test_the_stop_settings_in_a_config_resolve_per_kind_and_bad_ones_name_the_ke
 
     import yaml
 
-    from smoe.config import cluster_model_spec, validate_config
+    from smoe.core.config import cluster_model_spec, validate_config
 
     raw = yaml.safe_load((Path(__file__).parents[2] / "config" / "test.yaml").read_text())
     config = validate_config(json.loads(json.dumps(raw)))

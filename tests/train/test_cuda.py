@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from smoe.config import model_spec, validate_config
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.models.routing import RoutingOptions, route
-from smoe.train.device import resolve_precision
-from smoe.train.evaluate import evaluate_checkpoint
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.nn.routing import RoutingOptions, route
+from smoe.core.train.device import resolve_precision
+from smoe.families.heat.evaluate import evaluate_checkpoint
+from smoe.core.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -99,7 +99,7 @@ def test_cuda_training_resumes_to_the_uninterrupted_result(stores, tmp_path):
         return model_spec(config, "m")
 
     whole = train(spec(4), stores["train"], stores["val"], 0, tmp_path / "a", progress=False)
-    from smoe.train.loop import Trainer
+    from smoe.core.train.loop import Trainer
 
     trainer = Trainer(spec(4), stores["train"], stores["val"], 0, tmp_path / "b", False)
     original = trainer._validate
@@ -122,8 +122,8 @@ def test_cuda_training_resumes_to_the_uninterrupted_result(stores, tmp_path):
 def test_stochastic_gated_variants_train_on_cuda(tmp_path, attentive):
     """The stochastic routes are drawn on the GPU from the trainer's `routes` stream (a CPU
     generator with CUDA probabilities would raise), and a resumed run draws the same."""
-    from smoe.data.image_store import write_image_split
-    from smoe.train.gated_task import evaluate_gated_checkpoint, train_gated
+    from smoe.families.gated.store import write_image_split
+    from smoe.families.gated.task import evaluate_gated_checkpoint, train_gated
 
     stores = {
         split: write_image_split("digits", None, split, 0, 0.1, tmp_path / f"{split}.zarr")

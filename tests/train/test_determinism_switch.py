@@ -8,7 +8,7 @@ import sys
 def test_deterministic_algorithms_on_without_importing_inductor():
     code = (
         "import sys, torch\n"
-        "from smoe.train.loop import use_deterministic_algorithms\n"
+        "from smoe.core.train.loop import use_deterministic_algorithms\n"
         "use_deterministic_algorithms(torch.device('cpu'))\n"
         "assert torch.are_deterministic_algorithms_enabled()\n"
         "assert not torch.is_deterministic_algorithms_warn_only_enabled()\n"

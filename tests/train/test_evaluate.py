@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from smoe.cli import main
-from smoe.config import model_spec, validate_config
-from smoe.data.dataset import HeatPairs, Normalizer
-from smoe.data.heat import HeatParams
-from smoe.data.mask import generate_mask
-from smoe.data.reference import reference_stencil
-from smoe.data.store import simulate_split
-from smoe.errors import InputError
-from smoe.models.registry import build_model
-from smoe.train.evaluate import dataset_metrics, evaluate_checkpoint
-from smoe.train.loop import train
+from smoe.core.config import model_spec, validate_config
+from smoe.families.heat.dataset import HeatPairs, Normalizer
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.reference import reference_stencil
+from smoe.families.heat.store import simulate_split
+from smoe.core.errors import InputError
+from smoe.families.heat.registry import build_model
+from smoe.families.heat.evaluate import dataset_metrics, evaluate_checkpoint
+from smoe.core.train.loop import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 PAPER_SMOE = {
@@ -236,7 +236,7 @@ SPLIT_CASES = {
 def test_models_said_to_split_exactly_give_the_same_outputs_in_chunks(case):
     """Evaluation runs such models on chunks of 32 samples (faster on the CPU); their outputs
     must be those of the whole batch bit for bit, on the paper's grid and evaluation batch."""
-    from smoe.train.evaluate import FORWARD_CHUNK, splits_exactly
+    from smoe.families.heat.evaluate import FORWARD_CHUNK, splits_exactly
 
     kind, options = SPLIT_CASES[case] if isinstance(SPLIT_CASES[case], tuple) else (case, {})
     mask = np.load("tests/fixtures/paper_mask.npy")
@@ -257,7 +257,7 @@ def test_models_said_to_split_exactly_give_the_same_outputs_in_chunks(case):
 def test_chunked_evaluation_gives_the_metrics_and_routing_of_whole_batches(
     trained, stores, monkeypatch
 ):
-    from smoe.train import evaluate
+    from smoe.families.heat import evaluate
 
     folder, _ = trained["smoe"]
     results = []

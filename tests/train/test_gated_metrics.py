@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.train.gated_metrics import (
+from smoe.families.gated.metrics import (
     accuracy,
     entropy_bits,
     mutual_information,
@@ -84,7 +84,7 @@ def test_a_collapsed_gate_has_zero_entropies_not_minus_zero():
 def test_hard_routing_reports_the_published_conventions():
     """Top-1, stochastic and EM: H_s reported as 0, H_u and the per-task entropy from the
     argmax counts, not from the soft weights."""
-    from smoe.train.gated_metrics import specialisation_metrics
+    from smoe.families.gated.metrics import specialisation_metrics
 
     weights = np.array([[0.6, 0.4], [0.6, 0.4], [0.3, 0.7], [0.3, 0.7]])
     choice = weights.argmax(1)

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from smoe.data.image_store import write_image_split
-from smoe.errors import InputError
-from smoe.models.gated import GatedMoE, SingleModel
-from smoe.train.checkpoint import load_checkpoint
-from smoe.train.gated_spec import build_gated_model, gated_label, resolve_gated_spec
-from smoe.train.gated_task import augment_cifar, evaluate_gated_checkpoint, train_gated
-from smoe.train.loop import TaskTrainer
+from smoe.families.gated.store import write_image_split
+from smoe.core.errors import InputError
+from smoe.families.gated.models import GatedMoE, SingleModel
+from smoe.core.train.checkpoint import load_checkpoint
+from smoe.families.gated.spec import build_gated_model, gated_label, resolve_gated_spec
+from smoe.families.gated.task import augment_cifar, evaluate_gated_checkpoint, train_gated
+from smoe.core.train.loop import TaskTrainer
 
 RESULT_KEYS = {
     "family",
@@ -215,7 +215,7 @@ def test_distilled_student_starts_from_the_teachers_trunk_and_trains_it(stores, 
     options = {"teacher": str(tmp_path / "t" / "best.pt")}
     student_spec = spec("gated_distilled", options, name="distilled", epochs=3, weight_decay=None)
     task_trainer = TaskTrainer(
-        __import__("smoe.train.gated_task", fromlist=["GatedTask"]).GatedTask(
+        __import__("smoe.families.gated.task", fromlist=["GatedTask"]).GatedTask(
             student_spec, stores["train"], stores["val"]
         ),
         0,

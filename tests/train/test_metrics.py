@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.data.heat import HeatParams, plan_runs, simulate_plan
-from smoe.data.mask import generate_mask
-from smoe.data.reference import reference_stencil
-from smoe.errors import InputError
-from smoe.train.metrics import MetricAccumulator, close_name, is_better
+from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.reference import reference_stencil
+from smoe.core.errors import InputError
+from smoe.families.heat.metrics import MetricAccumulator, close_name, is_better
 
 SCALE = (0.01, 0.1, 1.0)
 

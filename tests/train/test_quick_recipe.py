@@ -10,12 +10,12 @@ offsets) the same recipe stops between 43 % and 95 % (measured while writing thi
 
 import pytest
 
-from smoe.config import load_config, model_spec
-from smoe.data.heat import HeatParams
-from smoe.data.mask import generate_mask
-from smoe.data.store import simulate_split
-from smoe.train.evaluate import evaluate_checkpoint
-from smoe.train.loop import train
+from smoe.core.config import load_config, model_spec
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.store import simulate_split
+from smoe.families.heat.evaluate import evaluate_checkpoint
+from smoe.core.train.loop import train
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Learning-rate selection on validation: smoe tune-lr and smoe.train.tune on tiny stores."""
+"""Learning-rate selection on validation: smoe tune-lr and smoe.families.heat.tune on tiny stores."""
 
 import csv
 import json
@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from smoe.cli import main
-from smoe.data.heat import HeatParams
-from smoe.data.store import simulate_split
-from smoe.train.tune import Trial, best_trial, work_dir
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
+from smoe.families.heat.tune import Trial, best_trial, work_dir
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 CONFIG = {

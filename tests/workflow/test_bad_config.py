@@ -264,15 +264,15 @@ def test_smoe_train_refuses_a_bad_spec_naming_the_key(repo, built, tmp_path, cha
     """`smoe train --spec` (what the train rule runs) checks its spec as the workflow does,
     the store giving the data's steps; nothing is written."""
     config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
-    from smoe.config import model_spec, validate_config
+    from smoe.core.config import model_spec, validate_config
 
     spec = model_spec(validate_config(config, gpu="skip"), "cnn").to_dict()
     spec.update(change)
     store = built / "store.zarr"
     if not store.exists():
-        from smoe.data.heat import HeatParams
-        from smoe.data.mask import load_mask
-        from smoe.data.store import simulate_split
+        from smoe.families.heat.simulation import HeatParams
+        from smoe.families.heat.mask import load_mask
+        from smoe.families.heat.store import simulate_split
 
         simulate_split(
             load_mask(built / TARGET),

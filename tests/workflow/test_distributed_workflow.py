@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from snakemake_runs import run_snakemake
 
-from smoe.config import Config, load_config
-from smoe.data.store import open_store, simulate_split
+from smoe.core.config import Config, load_config
+from smoe.families.heat.store import open_store, simulate_split
 
 distributed = pytest.importorskip("distributed")
 

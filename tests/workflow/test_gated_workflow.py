@@ -27,8 +27,8 @@ from snakemake_runs import (
     tiny_config,
 )
 
-from smoe.data.image_store import open_image_split
-from smoe.report.figures import fits_viewer
+from smoe.families.gated.store import open_image_split
+from smoe.families.heat.figures import fits_viewer
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from snakemake_runs import run_snakemake
 
-from smoe.data.store import open_store
+from smoe.families.heat.store import open_store
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
-from smoe.config import (
+from smoe.core.config import (
     CLUSTER_SPLITS,
     SPLITS,
     Config,
@@ -26,16 +26,16 @@ from smoe.config import (
     models_to_run,
     validate_config,
 )
-from smoe.data.choices import chunk_runs, task_runs
-from smoe.errors import InputError
-from smoe.gated_config import (
+from smoe.families.heat.choices import chunk_runs, task_runs
+from smoe.core.errors import InputError
+from smoe.families.gated.config import (
     gated_dependencies,
     gated_model_spec,
     gated_models_to_run,
     gated_source_files,
 )
-from smoe.option_schema import CLUSTER_EPOCHS, cluster_defaults
-from smoe.stale import stale_outputs
+from smoe.core.options import CLUSTER_EPOCHS, cluster_defaults
+from smoe.families.heat.stale import stale_outputs
 
 
 def _executor():
@@ -364,7 +364,7 @@ def simulate_args(wildcards):
 def _grid_shape():
     """The grid's shape; read once, since every job's resources ask for it."""
     if CFG.mask.file:
-        from smoe.data.mask import load_mask
+        from smoe.families.heat.mask import load_mask
 
         return load_mask(CFG.mask.file).shape
     return (CFG.mask.height, CFG.mask.width)

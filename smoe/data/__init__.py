@@ -1,1 +1,0 @@
-"""Data generation: region maps, heat diffusion kernels and the zarr stores they fill."""

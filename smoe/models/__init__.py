@@ -1,1 +1,0 @@
-"""Models: the SMoE layer, its gates and routing, baselines, and the registry by name."""

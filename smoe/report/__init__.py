@@ -1,1 +1,0 @@
-"""Reports: aggregated tables, figures and prediction exports."""
