@@ -22,7 +22,8 @@ from smoe.core.config import (
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
 from smoe.core.errors import InputError
-from smoe.families.heat import baselines, gates, layers, names, routing
+from smoe.families.heat import baselines, names
+from smoe.nn import gates, layers, routing
 from smoe.nn import layer as smoe_module
 from smoe.families.heat.registry import DATA_ARGUMENTS, MODELS, build_model
 from smoe.families.heat.metrics import MetricAccumulator, close_name
