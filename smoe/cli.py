@@ -189,8 +189,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> None:
-    from smoe.families.heat.simulation import HeatParams
     from smoe.families.heat.mask import check_mask, load_mask
+    from smoe.families.heat.simulation import HeatParams
     from smoe.families.heat.store import keep_freed_memory_mapped, simulate_split
 
     replacing = args.out.is_dir()
@@ -549,8 +549,8 @@ def cluster_overrides(items: Sequence[str]) -> dict:
 def _run_cluster_data(args: argparse.Namespace) -> None:
     import re
 
-    from smoe.families.clusters.store import write_cluster_split
     from smoe.families.clusters.data import make_setting
+    from smoe.families.clusters.store import write_cluster_split
 
     replacing = args.out.is_dir()
     overrides = cluster_overrides(args.overrides)
@@ -850,8 +850,8 @@ def _run_figure(args: argparse.Namespace) -> None:
 
         paths = dispatch_figure(load_cluster_results(args.metrics), args.out)
     elif args.kind == "projection":
-        from smoe.families.clusters.store import open_cluster_split
         from smoe.families.clusters.figures import projection_figure
+        from smoe.families.clusters.store import open_cluster_split
 
         open_cluster_split(args.store)  # a missing or damaged store, named
         paths = projection_figure(args.store, args.out)
@@ -1007,7 +1007,7 @@ def _paths(args: argparse.Namespace) -> tuple[list[Path], list[tuple[Path, str]]
 
         return gated_paths(args)
     if command == "figure":
-        from smoe.families.heat.figures import figure_paths
+        from smoe.core.report.figures import figure_paths
 
         inputs = [*args.metrics, args.mask, *args.predictions, *args.histories, args.store]
         return inputs, [(path, "file") for path in figure_paths(args.out)]

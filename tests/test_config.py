@@ -19,14 +19,14 @@ from smoe.core.config import (
     validate_config,
     validate_spec,
 )
-from smoe.families.heat.simulation import HeatParams
-from smoe.families.heat.store import simulate_split
 from smoe.core.errors import InputError
 from smoe.families.heat import baselines, names
+from smoe.families.heat.metrics import MetricAccumulator, close_name
+from smoe.families.heat.registry import DATA_ARGUMENTS, MODELS, build_model
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
 from smoe.nn import gates, layers, routing
 from smoe.nn import layer as smoe_module
-from smoe.families.heat.registry import DATA_ARGUMENTS, MODELS, build_model
-from smoe.families.heat.metrics import MetricAccumulator, close_name
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "test.yaml"])

@@ -53,8 +53,8 @@ def test_the_shipped_configs_run_the_embedded_mnist_subset(repo, name):
 
 
 def test_the_paper_config_has_every_published_mnist_row_with_its_weights(repo):
-    from smoe.families.gated.table import load_gated_references
     from smoe.families.gated.spec import gated_label
+    from smoe.families.gated.table import load_gated_references
 
     config = validate_config(yaml.safe_load((repo / "config" / "paper.yaml").read_text()))
     models = config["gated"]["models"]

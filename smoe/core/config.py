@@ -28,11 +28,11 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from smoe.core import options as option_schema
+from smoe.core.errors import InputError
 from smoe.families.clusters.data import SETTINGS as CLUSTER_SETTINGS
 from smoe.families.clusters.data import ClusterSetting, make_setting
-from smoe.families.heat.simulation import HeatParams
-from smoe.core.errors import InputError
 from smoe.families.heat.names import GATE_NAMES, MODEL_KINDS
+from smoe.families.heat.simulation import HeatParams
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from smoe.nn.gates import GATES, Gate, LatentGate
-from smoe.nn.routing import RoutingOptions
 from smoe.nn.layer import SMoELayer, SMoENet, auxiliary_loss, set_loss_scale, smoe_layers
+from smoe.nn.routing import RoutingOptions
 
 __all__ = [
     "GATES",

@@ -8,7 +8,10 @@ import pytest
 import xarray as xr
 
 from smoe import __version__
+from smoe.core.errors import InputError
+from smoe.core.provenance import fingerprint
 from smoe.families.clusters import store as cluster_store
+from smoe.families.clusters.data import generate_split, make_setting
 from smoe.families.clusters.store import (
     VARIABLES,
     cluster_inconsistencies,
@@ -16,9 +19,6 @@ from smoe.families.clusters.store import (
     open_cluster_split,
     write_cluster_split,
 )
-from smoe.families.clusters.data import generate_split, make_setting
-from smoe.core.provenance import fingerprint
-from smoe.core.errors import InputError
 
 SETTING = make_setting({"setting": "s2", "n_train": 5000, "n_test": 700})
 

@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from smoe.core.errors import InputError
 from smoe.families.clusters.data import (
     CLUSTER_CENTRE,
     FEATURE_NOISE,
@@ -18,7 +19,6 @@ from smoe.families.clusters.data import (
     stream,
     vectors_for_seed,
 )
-from smoe.core.errors import InputError
 
 S1 = SETTINGS["s1"]
 N = 4000  # samples per statistical test: 5-sigma bounds below stay well inside 5 %

@@ -8,11 +8,11 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from smoe.families.heat.dataset import HeatPairs, Normalizer, loader, worker_context
-from smoe.families.heat.simulation import HeatParams
-from smoe.families.heat.mask import generate_mask
-from smoe.families.heat.store import open_store, simulate_split
 from smoe.core.errors import InputError
+from smoe.families.heat.dataset import HeatPairs, Normalizer, loader, worker_context
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import open_store, simulate_split
 
 PARAMS = HeatParams((0.01, 0.1, 0.25), steps=6)
 RUNS, FRAMES, HEIGHT, WIDTH = 4, 7, 12, 10

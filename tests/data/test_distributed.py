@@ -15,8 +15,8 @@ import yaml
 import zarr
 
 from smoe.core.config import validate_config
-from smoe.families.heat.choices import scheduler_address
 from smoe.core.errors import InputError
+from smoe.families.heat.choices import scheduler_address
 
 distributed = pytest.importorskip("distributed")
 

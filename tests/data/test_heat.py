@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from smoe.core.errors import InputError
+from smoe.families.heat.reference import reference_generate
 from smoe.families.heat.simulation import (
     HeatParams,
     diffusivity_map,
@@ -9,8 +11,6 @@ from smoe.families.heat.simulation import (
     simulate,
     simulate_plan,
 )
-from smoe.families.heat.reference import reference_generate
-from smoe.core.errors import InputError
 
 PAPER = HeatParams((0.0025, 0.025, 0.25))
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from smoe import __version__
+from smoe.core.errors import InputError
+from smoe.core.provenance import fingerprint
+from smoe.families.gated.images import read_digits
 from smoe.families.gated.store import (
     image_provenance,
     open_image_split,
     split_indices,
     write_image_split,
 )
-from smoe.families.gated.images import read_digits
-from smoe.core.provenance import fingerprint
-from smoe.core.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
+from smoe.core.errors import InputError
 from smoe.families.gated.images import (
     DIGITS_TEST_FRACTION,
     check_source,
@@ -17,7 +18,6 @@ from smoe.families.gated.images import (
     read_mnist,
     read_part,
 )
-from smoe.core.errors import InputError
 
 
 def idx_images(images: np.ndarray, magic: int = 2051) -> bytes:

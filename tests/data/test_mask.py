@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from smoe.families.heat.mask import check_mask, generate_mask, load_mask, plot_mask, save_mask
 from smoe.core.errors import InputError
+from smoe.families.heat.mask import check_mask, generate_mask, load_mask, plot_mask, save_mask
 
 
 def spec_mask(height, width, types, seed):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
+from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.simulation import (
     HeatParams,
     _set_sources,
@@ -23,7 +24,6 @@ from smoe.families.heat.simulation import (
     simulate,
     simulate_plan,
 )
-from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.store import compressors, heat_dataset, simulate_split, store_attrs
 
 

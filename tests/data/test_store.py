@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from smoe.core.errors import InputError
 from smoe.families.heat.choices import chunk_runs, task_runs
 from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
 from smoe.families.heat.store import export_netcdf, open_store, simulate_split
-from smoe.core.errors import InputError
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.core.errors import InputError
+from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
 from smoe.families.clusters.models import (
     ClusterMoE,
     ClusterRouter,
@@ -16,7 +17,6 @@ from smoe.families.clusters.models import (
     loss_function,
     single_loss,
 )
-from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
 
 
 def make_clusters(n, seed, dim=50, clusters=4, basis=None):

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from smoe.families.heat.mask import generate_mask
-from smoe.families.heat.reference import reference_stencil
 from smoe.core.errors import InputError
-from smoe.nn.gates import GATES, build_gate
+from smoe.core.metrics import parameter_count
+from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.names import GATE_NAMES, MODEL_KINDS
-from smoe.families.heat.registry import MODELS, build_model, parameter_count
+from smoe.families.heat.reference import reference_stencil
+from smoe.families.heat.registry import MODELS, build_model
+from smoe.nn.gates import GATES, build_gate
 from smoe.nn.layer import SMoENet, auxiliary_loss, smoe_layers
 
 MASK = torch.as_tensor(generate_mask(8, 9, 3, seed=1))

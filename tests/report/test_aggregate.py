@@ -8,9 +8,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from smoe.families.heat.simulation import HeatParams
-from smoe.families.heat.mask import generate_mask
-from smoe.families.heat.store import simulate_split
 from smoe.core.errors import InputError
 from smoe.families.heat.aggregate import (
     REFERENCES,
@@ -19,6 +16,9 @@ from smoe.families.heat.aggregate import (
     load_references,
     summary_table,
 )
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
 
 
 def result(model, seed, close, mse, store="test.zarr", routing=None, params=10, time=2.0):

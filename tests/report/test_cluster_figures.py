@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from smoe.families.clusters.store import open_cluster_split, write_cluster_split
-from smoe.families.clusters.data import make_setting
 from smoe.core.errors import InputError
+from smoe.core.report.figures import fits_report_viewer
+from smoe.families.clusters.data import make_setting
 from smoe.families.clusters.figures import (
     MAX_POINTS,
     dispatch_figure,
@@ -15,7 +15,7 @@ from smoe.families.clusters.figures import (
     projection_figure,
     projection_points,
 )
-from smoe.families.heat.figures import fits_report_viewer
+from smoe.families.clusters.store import open_cluster_split, write_cluster_split
 
 
 def panels_in(svg_path):

@@ -7,9 +7,9 @@ import math
 import pytest
 import yaml
 
-from smoe.families.clusters.store import write_cluster_split
-from smoe.families.clusters.data import make_setting
 from smoe.core.errors import InputError
+from smoe.families.clusters.data import make_setting
+from smoe.families.clusters.store import write_cluster_split
 from smoe.families.clusters.table import (
     CSV_COLUMNS,
     REFERENCES,

@@ -13,9 +13,10 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from smoe.families.heat.mask import generate_mask
 from smoe.core.errors import InputError
+from smoe.core.report import figures as S
 from smoe.families.heat import figures as F
+from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.metrics import ATOL
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,13 +157,13 @@ def drawn(monkeypatch):
     Each must lie inside its canvas: no title, label or legend cut off at an edge.
     """
     figures = []
-    save = F.save_figure
+    save = S.save_figure
 
     def checked(fig, out):
-        F.fix_layout(fig)  # what save_figure does first; it keeps this layout
+        S.fix_layout(fig)  # what save_figure does first; it keeps this layout
         box = fig.get_tightbbox(fig.canvas.get_renderer())
         width, height = fig.get_size_inches()
-        slack = 1 / F.DPI  # one pixel
+        slack = 1 / S.DPI  # one pixel
         assert box.x0 >= -slack and box.y0 >= -slack, f"clipped at the left/bottom: {box}"
         assert box.x1 <= width + slack and box.y1 <= height + slack, (
             f"clipped at the right/top: {box} in a {width:.2f} x {height:.2f} in figure"
@@ -182,15 +183,15 @@ def drawn(monkeypatch):
     [("fig", "fig"), ("fig.png", "fig"), ("fig.svg", "fig"), ("fig.seed0", "fig.seed0")],
 )
 def test_figure_paths_drop_only_image_suffixes(tmp_path, out, name):
-    png, svg = F.figure_paths(tmp_path / out)
+    png, svg = S.figure_paths(tmp_path / out)
     assert (png, svg) == (tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
 
 
 def test_save_figure_creates_folders_and_is_reproducible(tmp_path):
     def draw(out):
-        fig = F.new_figure(4, 3)
+        fig = S.new_figure(4, 3)
         fig.subplots().plot([0, 1], [1, 0])
-        return F.save_figure(fig, out)
+        return S.save_figure(fig, out)
 
     first = draw(tmp_path / "a" / "b" / "line.png")
     assert_figure(first, tmp_path)
@@ -202,25 +203,25 @@ def test_save_figure_creates_folders_and_is_reproducible(tmp_path):
 
 def test_png_size_and_the_viewer_limit(tmp_path):
     def png(width, height):
-        fig = F.new_figure(width, height)
+        fig = S.new_figure(width, height)
         fig.subplots().plot([0, 1], [1, 0])
-        return F.save_figure(fig, tmp_path / f"{width}x{height}")[0]
+        return S.save_figure(fig, tmp_path / f"{width}x{height}")[0]
 
-    assert F.png_size(png(8, 4)) == (1200, 600)
-    assert F.fits_report_viewer(png(8, 4))  # ratio 0.5, 600 px
-    assert not F.fits_report_viewer(png(8, 6))  # ratio 0.75 and 900 px: too tall for its width
-    assert F.fits_report_viewer(png(4, 3))  # ratio 0.75 but 450 px: shown at natural size
-    assert not F.fits_report_viewer(png(14, 7))  # ratio 0.5 but 1050 px high
+    assert S.png_size(png(8, 4)) == (1200, 600)
+    assert S.fits_report_viewer(png(8, 4))  # ratio 0.5, 600 px
+    assert not S.fits_report_viewer(png(8, 6))  # ratio 0.75 and 900 px: too tall for its width
+    assert S.fits_report_viewer(png(4, 3))  # ratio 0.75 but 450 px: shown at natural size
+    assert not S.fits_report_viewer(png(14, 7))  # ratio 0.5 but 1050 px high
     (tmp_path / "fake.png").write_bytes(b"GIF89a" + bytes(30))
     with pytest.raises(InputError, match="not a PNG"):
-        F.png_size(tmp_path / "fake.png")
+        S.png_size(tmp_path / "fake.png")
 
 
 @pytest.mark.parametrize("size", [(4, 3), (30, 8), (6, 20), (20, 20), (1, 1), (11, 6)])
 def test_viewer_size_stays_inside_the_limits(size):
-    width, height = F.viewer_size(*size)
-    assert height <= F.MAX_HEIGHT + 1e-9 and width <= F.MAX_WIDTH + 1e-9
-    assert height <= F.MAX_RATIO * width + 1e-9
+    width, height = S.viewer_size(*size)
+    assert height <= S.MAX_HEIGHT + 1e-9 and width <= S.MAX_WIDTH + 1e-9
+    assert height <= S.MAX_RATIO * width + 1e-9
     assert height <= size[1] + 1e-9  # never made taller
 
 
@@ -246,7 +247,7 @@ def test_misrouted_cells_are_exactly_the_wrong_ones():
 
 def test_marked_cells_sit_on_the_misrouted_cells():
     cells = F.misrouted_cells(expert_map(), EXPERT_TO_TYPE, MASK)
-    fig = F.new_figure(3, 3)
+    fig = S.new_figure(3, 3)
     ax = fig.subplots()
     F.mark_cells(ax, cells)
     (collection,) = ax.collections
@@ -370,8 +371,8 @@ def test_predictions_figure(tmp_path, prediction_files, drawn):
 def test_prediction_layout_stays_in_the_viewer(models):
     layout = F.prediction_layout(models)
     width, height = layout.size
-    assert height <= F.MAX_RATIO * width + 1e-9 and height <= F.MAX_HEIGHT + 1e-9
-    assert width <= F.MAX_WIDTH + 1e-9
+    assert height <= S.MAX_RATIO * width + 1e-9 and height <= S.MAX_HEIGHT + 1e-9
+    assert width <= S.MAX_WIDTH + 1e-9
     assert layout.bands * layout.per_band >= models > (layout.bands - 1) * layout.per_band
     assert layout.side > 0.4
     if models <= 8:  # one row of models: the figure is wide, not tall
@@ -699,10 +700,10 @@ def test_every_figure_fits_the_report_viewer(tmp_path, drawn, setup):
     models, seeds = SETUPS[setup]
     written = draw_all(tmp_path, models, seeds)  # `drawn` checks that nothing is clipped
     for name, (png, svg) in written.items():
-        width, height = F.png_size(png)
-        assert F.fits_report_viewer(png), f"{name}: {width} x {height} px"
+        width, height = S.png_size(png)
+        assert S.fits_report_viewer(png), f"{name}: {width} x {height} px"
         # inside the design limits too: 900 px high, 1650 px wide
-        assert height <= F.MAX_HEIGHT * F.DPI and width <= F.MAX_WIDTH * F.DPI, name
+        assert height <= S.MAX_HEIGHT * S.DPI and width <= S.MAX_WIDTH * S.DPI, name
         assert svg.is_file()
     assert len(drawn) == len(written)
     predictions = drawn[2]

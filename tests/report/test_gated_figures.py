@@ -8,7 +8,7 @@ import pytest
 from test_gated_table import result, write
 
 from smoe.core.errors import InputError
-from smoe.families.heat.figures import fits_report_viewer, png_size
+from smoe.core.report.figures import fits_report_viewer, png_size
 from smoe.families.gated.figures import (
     expert_order,
     plot_accuracy_usage,

@@ -6,7 +6,14 @@ from html.parser import HTMLParser
 
 import pytest
 
-from smoe.core.report.tables import Column, Table, format_number, html_page, markdown_table, mean_spread
+from smoe.core.report.tables import (
+    Column,
+    Table,
+    format_number,
+    html_page,
+    markdown_table,
+    mean_spread,
+)
 
 
 class Cells(HTMLParser):

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from smoe.core.config import model_spec, validate_config
-from smoe.families.heat.simulation import HeatParams
-from smoe.families.heat.store import simulate_split
 from smoe.core.errors import InputError
 from smoe.core.train.checkpoint import (
     FORMAT,
@@ -21,6 +19,8 @@ from smoe.core.train.checkpoint import (
     seed_everything,
 )
 from smoe.core.train.loop import Trainer
+from smoe.families.heat.simulation import HeatParams
+from smoe.families.heat.store import simulate_split
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=6)
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.families.clusters.store import open_cluster_split, write_cluster_split
-from smoe.families.clusters.data import make_setting
 from smoe.core.errors import InputError
-from smoe.families.clusters.models import ClusterMoE, PatchCNN, build_cluster_model
 from smoe.core.train.checkpoint import load_checkpoint, stream_seed
+from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer
+from smoe.families.clusters.data import make_setting
 from smoe.families.clusters.metrics import dispatch_entropy
+from smoe.families.clusters.models import ClusterMoE, PatchCNN, build_cluster_model
+from smoe.families.clusters.store import open_cluster_split, write_cluster_split
 from smoe.families.clusters.task import (
     carve_validation,
     evaluate_cluster_checkpoint,
@@ -25,7 +26,6 @@ from smoe.families.clusters.task import (
     train_cluster,
     write_json,
 )
-from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer
 
 RESULT_KEYS = {
     "family",

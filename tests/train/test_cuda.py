@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from smoe.core.config import model_spec, validate_config
+from smoe.core.train.device import resolve_precision
+from smoe.core.train.loop import train
+from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
 from smoe.nn.routing import RoutingOptions, route
-from smoe.core.train.device import resolve_precision
-from smoe.families.heat.evaluate import evaluate_checkpoint
-from smoe.core.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from smoe.families.gated.store import write_image_split
 from smoe.core.errors import InputError
-from smoe.families.gated.models import GatedMoE, SingleModel
 from smoe.core.train.checkpoint import load_checkpoint
-from smoe.families.gated.spec import build_gated_model, gated_label, resolve_gated_spec
-from smoe.families.gated.task import augment_cifar, evaluate_gated_checkpoint, train_gated
 from smoe.core.train.loop import TaskTrainer
+from smoe.families.gated.models import GatedMoE, SingleModel
+from smoe.families.gated.spec import build_gated_model, gated_label, resolve_gated_spec
+from smoe.families.gated.store import write_image_split
+from smoe.families.gated.task import augment_cifar, evaluate_gated_checkpoint, train_gated
 
 RESULT_KEYS = {
     "family",

@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
-from smoe.families.heat.mask import generate_mask
-from smoe.families.heat.reference import reference_stencil
 from smoe.core.errors import InputError
-from smoe.families.heat.metrics import MetricAccumulator, close_name, is_better
+from smoe.core.metrics import is_better
+from smoe.families.heat.mask import generate_mask
+from smoe.families.heat.metrics import MetricAccumulator, close_name
+from smoe.families.heat.reference import reference_stencil
+from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
 
 SCALE = (0.01, 0.1, 1.0)
 

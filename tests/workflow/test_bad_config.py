@@ -270,8 +270,8 @@ def test_smoe_train_refuses_a_bad_spec_naming_the_key(repo, built, tmp_path, cha
     spec.update(change)
     store = built / "store.zarr"
     if not store.exists():
-        from smoe.families.heat.simulation import HeatParams
         from smoe.families.heat.mask import load_mask
+        from smoe.families.heat.simulation import HeatParams
         from smoe.families.heat.store import simulate_split
 
         simulate_split(

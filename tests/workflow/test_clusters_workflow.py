@@ -23,8 +23,8 @@ from snakemake_runs import (
     tiny_config,
 )
 
+from smoe.core.report.figures import fits_viewer
 from smoe.families.clusters.store import open_cluster_split
-from smoe.families.heat.figures import fits_viewer
 
 pytestmark = pytest.mark.slow
 

@@ -27,8 +27,8 @@ from snakemake_runs import (
     tiny_config,
 )
 
+from smoe.core.report.figures import fits_viewer
 from smoe.families.gated.store import open_image_split
-from smoe.families.heat.figures import fits_viewer
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from snakemake_runs import run_snakemake, script_variable
 
-from smoe.families.heat.figures import fits_viewer
+from smoe.core.report.figures import fits_viewer
 
 pytestmark = pytest.mark.slow
 

@@ -45,11 +45,9 @@ from torch import nn
 
 from smoe.core.atomic import atomic_file, write_text_atomic
 from smoe.core.config import ModelSpec
-from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
-from smoe.core.provenance import describe_difference
 from smoe.core.errors import InputError
-from smoe.families.heat.registry import build_model, parameter_count
-from smoe.nn.layer import auxiliary_loss, set_loss_scale, smoe_layers
+from smoe.core.metrics import is_better, parameter_count
+from smoe.core.provenance import describe_difference
 from smoe.core.train import distributed
 from smoe.core.train.checkpoint import (
     FORMAT,
@@ -61,8 +59,10 @@ from smoe.core.train.checkpoint import (
     stream_seed,
 )
 from smoe.core.train.device import resolve_device, resolve_precision
+from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
 from smoe.families.heat.evaluate import RoutingTally, dataset_metrics
-from smoe.families.heat.metrics import is_better
+from smoe.families.heat.registry import build_model
+from smoe.nn.layer import auxiliary_loss, set_loss_scale, smoe_layers
 
 
 class TrainingError(InputError):

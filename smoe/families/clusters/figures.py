@@ -27,7 +27,7 @@ import matplotlib
 import numpy as np
 
 from smoe.core.errors import InputError
-from smoe.families.heat.figures import MAX_HEIGHT, MAX_WIDTH, new_figure, save_figure, viewer_size
+from smoe.core.report.figures import MAX_HEIGHT, MAX_WIDTH, new_figure, save_figure, viewer_size
 
 EMPTY_COLOUR = "#d9dde2"
 """Background of an expert that received no sample."""

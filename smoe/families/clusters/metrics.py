@@ -1,7 +1,6 @@
-"""Classification and routing metrics of the cluster family (and of later classification
-families): the one place their meaning is defined.
+"""Routing metrics of the cluster family, the one place their meaning is defined (accuracy is
+the core's, :func:`smoe.core.metrics.accuracy`, re-exported):
 
-* :func:`accuracy`: percentage of samples whose largest logit is their label;
 * :func:`dispatch_matrix`: counts of samples per (expert, group), e.g. group = the cluster a
   synthetic sample was drawn from;
 * :func:`dispatch_entropy`: Chen et al. (NeurIPS 2022)'s dispatch entropy
@@ -14,33 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
+from smoe.core.metrics import accuracy, as_numpy
 
-def _as_numpy(values: Any) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def accuracy(logits: Any, labels: Any) -> float:
-    """Percentage (0..100) of rows of ``logits`` [N, C] whose argmax equals ``labels`` [N]."""
-    logits, labels = _as_numpy(logits), _as_numpy(labels)
-    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(
-            f"expected logits [N, C] and labels [N], got {list(logits.shape)} and "
-            f"{list(labels.shape)}"
-        )
-    if labels.size == 0:
-        raise ValueError("accuracy of no samples")
-    return 100.0 * float(np.mean(logits.argmax(axis=1) == labels))
+__all__ = ["accuracy", "dispatch_entropy", "dispatch_matrix"]
 
 
 def dispatch_matrix(dispatch: Any, groups: Any, experts: int, n_groups: int) -> np.ndarray:
     """Counts [experts, n_groups] (int64): entry (m, k) is how many samples of group k went to
     expert m. ``dispatch`` and ``groups`` are [N] integers in range."""
-    dispatch = _as_numpy(dispatch).astype(np.int64).ravel()
-    groups = _as_numpy(groups).astype(np.int64).ravel()
+    dispatch = as_numpy(dispatch).astype(np.int64).ravel()
+    groups = as_numpy(groups).astype(np.int64).ravel()
     if dispatch.shape != groups.shape:
         raise ValueError(f"{dispatch.size} dispatches but {groups.size} group labels")
     if experts < 1 or n_groups < 1:
@@ -58,7 +41,7 @@ def dispatch_entropy(matrix: Any) -> float:
     n_m is row m's total, N the grand total, H the entropy of row m's shares (0 log 0 = 0);
     experts that received no sample contribute 0.
     """
-    counts = _as_numpy(matrix).astype(np.float64)
+    counts = as_numpy(matrix).astype(np.float64)
     if counts.ndim != 2:
         raise ValueError(f"expected a [experts, groups] matrix, got shape {list(counts.shape)}")
     if (counts < 0).any():

@@ -29,6 +29,8 @@ import xarray as xr
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory
+from smoe.core.errors import InputError, one_line
+from smoe.core.provenance import array_digest
 from smoe.families.clusters.data import (
     PATCH_KINDS,
     ClusterSample,
@@ -39,9 +41,7 @@ from smoe.families.clusters.data import (
     stream,
     vectors_for_seed,
 )
-from smoe.core.provenance import array_digest
 from smoe.families.heat.store import check_store_folder, check_store_output, is_zarr_store
-from smoe.core.errors import InputError, one_line
 
 SAMPLE_CHUNK = 4096
 """Samples per stored chunk: 800 KB of ``x`` at the paper's patch size."""

@@ -39,8 +39,8 @@ import yaml
 
 from smoe.core.atomic import write_text_atomic
 from smoe.core.errors import InputError, one_line
-from smoe.families.heat.aggregate import read_result
 from smoe.core.report.tables import Column, Table, html_page, markdown_table, mean_spread
+from smoe.families.heat.aggregate import read_result
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 FAMILY = "clusters"
@@ -360,8 +360,8 @@ def describe_setting(setting: Any) -> str:
 def paper_setting(stores: Sequence[str]) -> DataCheck:
     """Whether the test stores of one table setting hold data of one of the paper's settings
     (every generator parameter as the paper's; the seed is ours and may be anything)."""
-    from smoe.families.clusters.store import open_cluster_split
     from smoe.families.clusters.data import SETTINGS
+    from smoe.families.clusters.store import open_cluster_split
 
     names, descriptions = set(), set()
     for store in dict.fromkeys(stores):

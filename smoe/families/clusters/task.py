@@ -82,9 +82,13 @@ import torch
 from torch import nn
 
 from smoe.core.config import ModelSpec
-from smoe.families.clusters.store import ClusterData, cluster_provenance, open_cluster_split
-from smoe.core.provenance import describe_difference
 from smoe.core.errors import InputError
+from smoe.core.metrics import parameter_count
+from smoe.core.provenance import describe_difference
+from smoe.core.train.checkpoint import load_checkpoint, stream_seed
+from smoe.core.train.device import resolve_device
+from smoe.core.train.loop import TaskTrainer, TrainingError, TrainingTask
+from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
 from smoe.families.clusters.models import (
     CLUSTER_KINDS,
     ClusterMoE,
@@ -93,12 +97,8 @@ from smoe.families.clusters.models import (
     cluster_optimizer,
     loss_function,
 )
-from smoe.families.heat.registry import parameter_count
-from smoe.core.train.checkpoint import load_checkpoint, stream_seed
-from smoe.families.clusters.metrics import accuracy, dispatch_entropy, dispatch_matrix
-from smoe.core.train.device import resolve_device
+from smoe.families.clusters.store import ClusterData, cluster_provenance, open_cluster_split
 from smoe.families.heat.evaluate import write_json
-from smoe.core.train.loop import TaskTrainer, TrainingError, TrainingTask
 
 __all__ = [
     "ClusterTask",

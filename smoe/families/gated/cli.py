@@ -92,8 +92,8 @@ def _share(text: str) -> float:
 
 
 def _add_data(sub: argparse._SubParsersAction, seed_type) -> None:
-    from smoe.families.gated.store import SPLITS
     from smoe.families.gated.images import DATASETS
+    from smoe.families.gated.store import SPLITS
 
     p = sub.add_parser(
         "gated-data",
@@ -121,8 +121,8 @@ def _add_data(sub: argparse._SubParsersAction, seed_type) -> None:
 
 
 def _run_data(args: argparse.Namespace) -> None:
-    from smoe.families.gated.store import open_image_split, write_image_split
     from smoe.families.gated.images import check_source
+    from smoe.families.gated.store import open_image_split, write_image_split
 
     check_source(args.dataset, args.folder)  # the files, named, before reading them
     replacing = args.out.is_dir()
@@ -203,8 +203,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             f"checkpoint {str(args.checkpoint)!r} does not exist (train it with smoe gated-train)"
         )
     _open_stores(test=args.store)
-    from smoe.families.heat.evaluate import write_json
     from smoe.families.gated.task import evaluate_gated_checkpoint
+    from smoe.families.heat.evaluate import write_json
 
     result = evaluate_gated_checkpoint(args.checkpoint, args.store)
     write_json(result, args.out)

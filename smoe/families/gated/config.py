@@ -24,8 +24,8 @@ from smoe.core.config import (
     deep_merge,
     undefined_run_names,
 )
-from smoe.families.gated.images import EMBEDDED, check_source
 from smoe.core.errors import InputError
+from smoe.families.gated.images import EMBEDDED, check_source
 
 __all__ = [
     "check_gated",

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from smoe.core.errors import InputError
-from smoe.families.heat.figures import (
+from smoe.core.report.figures import (
     fix_layout,
     grid_layout,
     model_colours,

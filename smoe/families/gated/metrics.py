@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from smoe.families.clusters.metrics import _as_numpy, accuracy
+from smoe.core.metrics import accuracy, as_numpy
 
 __all__ = [
     "accuracy",
@@ -37,14 +37,14 @@ __all__ = [
 
 def entropy_bits(probabilities: Any, axis: int = -1) -> np.ndarray:
     """-sum p log2 p along ``axis`` with 0 log 0 = 0."""
-    p = _as_numpy(probabilities).astype(np.float64)
+    p = as_numpy(probabilities).astype(np.float64)
     logs = np.log2(np.where(p > 0, p, 1.0))
     # + 0.0: a certain distribution gives 0, not -0 (which tables print as "-0.00")
     return -(p * logs).sum(axis=axis) + 0.0
 
 
 def _gate_probabilities(p: Any) -> np.ndarray:
-    p = _as_numpy(p).astype(np.float64)
+    p = as_numpy(p).astype(np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"expected gate probabilities [N >= 1, E], got {list(p.shape)}")
     return p
@@ -53,8 +53,8 @@ def _gate_probabilities(p: Any) -> np.ndarray:
 def routing_matrix(expert_choice: Any, labels: Any, experts: int, classes: int) -> np.ndarray:
     """Counts [experts, classes] (int64): entry (e, c) is how many samples of class c went to
     expert e."""
-    choice = _as_numpy(expert_choice).astype(np.int64).ravel()
-    labels = _as_numpy(labels).astype(np.int64).ravel()
+    choice = as_numpy(expert_choice).astype(np.int64).ravel()
+    labels = as_numpy(labels).astype(np.int64).ravel()
     if choice.shape != labels.shape:
         raise ValueError(f"{choice.size} expert choices but {labels.size} labels")
     if experts < 1 or classes < 1:
@@ -100,7 +100,7 @@ def per_task_entropy(p: Any, labels: Any) -> float:
     """Mean over the classes present in ``labels`` of H(mean over that class's samples of
     p(.|x)) in bits; classes with no sample are left out of the mean."""
     p = _gate_probabilities(p)
-    labels = _as_numpy(labels).astype(np.int64).ravel()
+    labels = as_numpy(labels).astype(np.int64).ravel()
     if labels.shape != (p.shape[0],):
         raise ValueError(f"{p.shape[0]} gate rows but {labels.size} labels")
     values = [float(entropy_bits(p[labels == c].mean(axis=0))) for c in np.unique(labels)]
@@ -110,7 +110,7 @@ def per_task_entropy(p: Any, labels: Any) -> float:
 def one_hot_choices(choice: Any, experts: int) -> np.ndarray:
     """Choices [N] as one-hot rows [N, experts] (float64): the gate output of a model that
     routes each sample to one expert, from which its usage is counted."""
-    choice = _as_numpy(choice).astype(np.int64).ravel()
+    choice = as_numpy(choice).astype(np.int64).ravel()
     if choice.size and (choice.min() < 0 or choice.max() >= experts):
         raise ValueError(f"expert choices must lie in 0..{experts - 1}")
     return np.eye(experts, dtype=np.float64)[choice]

@@ -51,6 +51,7 @@ from torch import nn
 
 from smoe.core import compiled
 from smoe.core.errors import InputError
+from smoe.core.metrics import parameter_count as core_parameter_count
 
 VARIANTS = ("expectation", "stochastic", "topk", "em")
 """How the gate combines the experts (see the module docstring)."""
@@ -732,7 +733,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def parameter_count(model: nn.Module) -> int:
     """Number of scalar parameters of ``model`` (trainable or not)."""
-    return sum(param.numel() for param in model.parameters())
+    return core_parameter_count(model, trainable=False)
 
 
 def moe_parameter_count(

@@ -36,8 +36,8 @@ from typing import Any
 from torch import nn
 
 from smoe.core.config import ModelSpec
-from smoe.families.gated.images import CLASSES
 from smoe.core.errors import InputError
+from smoe.families.gated.images import CLASSES
 from smoe.families.gated.models import (
     GatedMoE,
     SingleModel,

@@ -37,6 +37,8 @@ import xarray as xr
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory
+from smoe.core.errors import InputError, one_line
+from smoe.core.provenance import array_digest
 from smoe.families.gated.images import (
     CLASSES,
     DATASETS,
@@ -51,9 +53,7 @@ from smoe.families.gated.images import (
     mnist5k_file,
     read_part,
 )
-from smoe.core.provenance import array_digest
 from smoe.families.heat.store import check_store_folder, check_store_output, is_zarr_store
-from smoe.core.errors import InputError, one_line
 
 SPLITS = ("train", "val", "test")
 SAMPLE_CHUNK = 4096

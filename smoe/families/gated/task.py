@@ -42,9 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.core.config import ModelSpec
-from smoe.families.gated.store import ImageData, open_image_split
-from smoe.families.gated.images import CLASSES, NORMALIZATION
 from smoe.core.errors import InputError
+from smoe.core.train import distributed
+from smoe.core.train.checkpoint import load_checkpoint
+from smoe.core.train.device import resolve_device
+from smoe.core.train.loop import TaskTrainer, TrainingError, TrainingTask
+from smoe.families.gated.images import CLASSES, NORMALIZATION
+from smoe.families.gated.metrics import (
+    accuracy,
+    routing_matrix,
+    specialisation_metrics,
+)
 from smoe.families.gated.models import (
     GatedMoE,
     SingleModel,
@@ -56,15 +64,6 @@ from smoe.families.gated.models import (
     parameter_count,
     sample_similarity_loss,
     trainable_parameters,
-)
-from smoe.core.train import distributed
-from smoe.core.train.checkpoint import load_checkpoint
-from smoe.core.train.device import resolve_device
-from smoe.families.heat.evaluate import write_json
-from smoe.families.gated.metrics import (
-    accuracy,
-    routing_matrix,
-    specialisation_metrics,
 )
 from smoe.families.gated.spec import (
     FAMILY,
@@ -80,7 +79,8 @@ from smoe.families.gated.spec import (
     seed_options,
     weight_decay,
 )
-from smoe.core.train.loop import TaskTrainer, TrainingError, TrainingTask
+from smoe.families.gated.store import ImageData, open_image_split
+from smoe.families.heat.evaluate import write_json
 
 __all__ = [
     "GATED_KINDS",

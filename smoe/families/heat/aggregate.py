@@ -28,8 +28,8 @@ import yaml
 
 from smoe.core.atomic import write_text_atomic
 from smoe.core.errors import InputError
-from smoe.families.heat.names import ANALYTIC_KINDS
 from smoe.core.report.tables import Column, Table, html_page, markdown_table, mean_spread
+from smoe.families.heat.names import ANALYTIC_KINDS
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 HEADLINE = [

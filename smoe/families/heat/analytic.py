@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.families.heat.simulation import BOUNDARIES
 from smoe.core.errors import InputError
+from smoe.families.heat.simulation import BOUNDARIES
 
 
 def diffusion_step(u: torch.Tensor, diffusivity: torch.Tensor, boundary: str) -> torch.Tensor:

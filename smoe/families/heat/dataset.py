@@ -31,6 +31,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from smoe.core.errors import InputError, one_line
 from smoe.core.provenance import store_inconsistencies, store_provenance
 from smoe.families.heat.store import (
     chunk_key,
@@ -39,7 +40,6 @@ from smoe.families.heat.store import (
     open_store,
     regenerate_hint,
 )
-from smoe.core.errors import InputError, one_line
 
 NORMALIZER_KINDS = ("none", "zscore", "minmax")
 DEFAULT_MAX_EAGER_BYTES = 4 * 2**30

@@ -32,7 +32,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from smoe.core.errors import InputError
-from smoe.families.heat.figures import new_figure, read_history, save_figure, type_colours
+from smoe.core.report.figures import new_figure, save_figure
+from smoe.families.heat.figures import read_history, type_colours
 
 MAX_WIDTH_IN = 11.0  # 1650 px at DPI 150
 MAX_HEIGHT_IN = 6.0  # 900 px

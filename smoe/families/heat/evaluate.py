@@ -18,14 +18,14 @@ from torch import nn
 
 from smoe.core.atomic import atomic_file, write_text_atomic
 from smoe.core.config import ModelSpec
-from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
-from smoe.families.heat.reference import reference_stencil
 from smoe.core.errors import InputError
-from smoe.families.heat.registry import build_model
-from smoe.nn.layer import SMoELayer, smoe_layers
 from smoe.core.train.checkpoint import load_checkpoint
 from smoe.core.train.device import resolve_device
+from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
 from smoe.families.heat.metrics import MetricAccumulator
+from smoe.families.heat.reference import reference_stencil
+from smoe.families.heat.registry import build_model
+from smoe.nn.layer import SMoELayer, smoe_layers
 
 
 class RoutingTally:

@@ -135,11 +135,3 @@ class MetricAccumulator:
                 values[name] = 100.0 * hits[group] / n
             out.update({prefix + key: float(value) for key, value in values.items()})
         return out
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    """Whether ``value`` improves on ``best`` for a metric to maximise or minimise; with
-    mode ``last`` every epoch replaces the one before (the last epoch is kept)."""
-    if best is None or mode == "last":
-        return True
-    return value > best if mode == "max" else value < best

@@ -66,7 +66,3 @@ def build_model(
         raise InputError(f"{label}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise InputError(f"{label}: bad option ({exc})") from exc
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

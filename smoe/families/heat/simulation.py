@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from smoe.families.heat import heat_loop
 from smoe.core.errors import InputError
+from smoe.families.heat import heat_loop
 
 MAX_SOURCES = 3
 """Sources per region type are drawn from 1..MAX_SOURCES."""

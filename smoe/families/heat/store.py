@@ -26,10 +26,17 @@ from zarr.storage import LocalStore, WrapperStore
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory, atomic_file
-from smoe.families.heat.choices import COMPRESSIONS, chunk_runs, scheduler_address, task_runs
-from smoe.families.heat.simulation import MAX_SOURCES, HeatParams, RunPlan, initial_fields, plan_runs, simulate
-from smoe.families.heat.mask import check_mask, mask_dataset
 from smoe.core.errors import InputError, one_line
+from smoe.families.heat.choices import COMPRESSIONS, chunk_runs, scheduler_address, task_runs
+from smoe.families.heat.mask import check_mask, mask_dataset
+from smoe.families.heat.simulation import (
+    MAX_SOURCES,
+    HeatParams,
+    RunPlan,
+    initial_fields,
+    plan_runs,
+    simulate,
+)
 
 
 def compressors(name: str) -> tuple | None:

@@ -20,8 +20,8 @@ from typing import Any
 from smoe.core.atomic import atomic_file
 from smoe.core.config import ModelSpec
 from smoe.core.errors import InputError
+from smoe.core.metrics import is_better
 from smoe.core.train.loop import TrainingError, train
-from smoe.families.heat.metrics import is_better
 
 COLUMNS = (
     "lr",
