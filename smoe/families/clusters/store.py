@@ -31,6 +31,12 @@ from smoe import __version__
 from smoe.core.atomic import atomic_directory
 from smoe.core.errors import InputError, one_line
 from smoe.core.provenance import array_digest
+from smoe.core.zarr_store import (
+    check_store_folder,
+    check_store_output,
+    is_zarr_store,
+    read_json_object,
+)
 from smoe.families.clusters.data import (
     PATCH_KINDS,
     ClusterSample,
@@ -41,7 +47,6 @@ from smoe.families.clusters.data import (
     stream,
     vectors_for_seed,
 )
-from smoe.families.heat.store import check_store_folder, check_store_output, is_zarr_store
 
 SAMPLE_CHUNK = 4096
 """Samples per stored chunk: 800 KB of ``x`` at the paper's patch size."""
@@ -239,14 +244,6 @@ def write_cluster_split(
     return out
 
 
-def _read_json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _generator_record(path: Path, attrs: dict[str, Any]) -> tuple[ClusterSetting, int, str, int]:
     """The setting, seed, split and sample count a store records, or an InputError."""
     name = repr(str(path))
@@ -300,7 +297,7 @@ def _read_array(path: Path, name: str) -> np.ndarray:
     meta_file = path / name / "zarr.json"
     if not (path / name).is_dir():
         raise InputError(f"store {store} has no array {name!r}; {hint}")
-    meta = _read_json_object(meta_file)
+    meta = read_json_object(meta_file)
     if meta is None or meta.get("node_type") != "array":
         state = "missing" if not meta_file.exists() else "unreadable or garbled"
         raise InputError(
@@ -348,7 +345,7 @@ def open_cluster_split(path: str | Path) -> ClusterData:
             f"store {name} is not a readable zarr store: its metadata zarr.json is missing, "
             f"garbled or not a group's; {hint}"
         )
-    attrs = (_read_json_object(path / "zarr.json") or {}).get("attributes") or {}
+    attrs = (read_json_object(path / "zarr.json") or {}).get("attributes") or {}
     setting, seed, split, samples = _generator_record(path, attrs)
     arrays = {variable: _read_array(path, variable) for variable in VARIABLES}
     expected = {

@@ -39,6 +39,12 @@ from smoe import __version__
 from smoe.core.atomic import atomic_directory
 from smoe.core.errors import InputError, one_line
 from smoe.core.provenance import array_digest
+from smoe.core.zarr_store import (
+    check_store_folder,
+    check_store_output,
+    is_zarr_store,
+    read_json_object,
+)
 from smoe.families.gated.images import (
     CLASSES,
     DATASETS,
@@ -53,7 +59,6 @@ from smoe.families.gated.images import (
     mnist5k_file,
     read_part,
 )
-from smoe.families.heat.store import check_store_folder, check_store_output, is_zarr_store
 
 SPLITS = ("train", "val", "test")
 SAMPLE_CHUNK = 4096
@@ -306,14 +311,6 @@ def write_image_split(
     return out
 
 
-def _read_json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_array(path: Path, name: str, dims: tuple[str, ...]) -> np.ndarray:
     """One variable, checked for metadata, dimensions, dtype and every chunk, then read
     (zarr reads a missing chunk as the fill value without a word)."""
@@ -324,7 +321,7 @@ def _read_array(path: Path, name: str, dims: tuple[str, ...]) -> np.ndarray:
     meta_file = path / name / "zarr.json"
     if not (path / name).is_dir():
         raise InputError(f"store {store} has no array {name!r}; {hint}")
-    meta = _read_json_object(meta_file)
+    meta = read_json_object(meta_file)
     if meta is None or meta.get("node_type") != "array":
         state = "missing" if not meta_file.exists() else "unreadable or garbled"
         raise InputError(
@@ -409,7 +406,7 @@ def open_image_split(path: str | Path) -> ImageData:
             f"store {name} is not a readable zarr store: its metadata zarr.json is missing, "
             f"garbled or not a group's; {hint}"
         )
-    attrs = (_read_json_object(path / "zarr.json") or {}).get("attributes") or {}
+    attrs = (read_json_object(path / "zarr.json") or {}).get("attributes") or {}
     record = _split_record(path, attrs)
     image_dims = GREY_DIMS if len(record["image_shape"]) == 2 else COLOUR_DIMS
     arrays = {

@@ -27,6 +27,12 @@ from zarr.storage import LocalStore, WrapperStore
 from smoe import __version__
 from smoe.core.atomic import atomic_directory, atomic_file
 from smoe.core.errors import InputError, one_line
+from smoe.core.zarr_store import (
+    check_store_folder,
+    check_store_output,
+    is_zarr_store,
+    read_json_object,
+)
 from smoe.families.heat.choices import COMPRESSIONS, chunk_runs, scheduler_address, task_runs
 from smoe.families.heat.mask import check_mask, mask_dataset
 from smoe.families.heat.simulation import (
@@ -479,44 +485,6 @@ def regenerate_hint(path: str | Path) -> str:
     )
 
 
-def _read_json_object(path: Path) -> dict | None:
-    """A JSON object from ``path``, or None when the file is missing, unreadable or garbled."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def is_zarr_store(path: str | Path) -> bool:
-    """Whether ``path`` is a folder whose top-level ``zarr.json`` describes a zarr group."""
-    meta = _read_json_object(Path(path) / "zarr.json") if Path(path).is_dir() else None
-    return meta is not None and meta.get("node_type") == "group"
-
-
-def check_store_output(out: str | Path, overwrite: bool) -> None:
-    """Refuse an output path holding anything but a store, or a store without ``overwrite``."""
-    out = Path(out)
-    name = repr(str(out))
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not out.is_dir():
-        raise InputError(
-            f"output {name} exists and is a file, not a zarr store; nothing was changed: "
-            "remove it or choose another --out"
-        )
-    if not is_zarr_store(out):
-        raise InputError(
-            f"output {name} exists and is not a zarr store (no readable zarr.json of a group); "
-            "nothing was changed: remove it or choose another --out"
-        )
-    if not overwrite:
-        raise InputError(
-            f"store {name} already exists; nothing was changed: pass --overwrite to replace "
-            f"it, or remove it first (rm -r {out})"
-        )
-
-
 def _check_metadata(path: Path) -> None:
     """Every array's metadata readable and the required arrays present, read as plain JSON.
 
@@ -533,7 +501,7 @@ def _check_metadata(path: Path) -> None:
         )
     for child in sorted(p for p in path.iterdir() if p.is_dir()):
         meta_file = child / "zarr.json"
-        meta = _read_json_object(meta_file)
+        meta = read_json_object(meta_file)
         if meta is None or meta.get("node_type") not in ("array", "group"):
             state = "missing" if not meta_file.exists() else "unreadable or garbled"
             raise InputError(
@@ -645,17 +613,6 @@ def field_reads(path: str | Path) -> Iterator[None]:
         if len(bad) > 1:
             error = InputError(f"{error} ({len(bad) - 1} more damaged chunk(s))")
         raise error from exc
-
-
-def check_store_folder(path: Path, redo: str) -> None:
-    """Refuse, naming it, a store path that does not exist (saying so when an unfinished
-    ``.partial`` store lies beside it, and ``redo`` what makes it) or that is a file."""
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        beside = f" (an unfinished .partial store is beside it: {redo})" if partial.exists() else ""
-        raise InputError(f"store {str(path)!r} does not exist{beside}")
-    if not path.is_dir():
-        raise InputError(f"store {str(path)!r} is a file, not a zarr store (a folder)")
 
 
 def open_store(path: str | Path) -> xr.Dataset:
