@@ -433,7 +433,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from smoe.families.heat.evaluate import evaluate_checkpoint, write_json
+    from smoe.core.report.results import write_json
+    from smoe.families.heat.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint, args.store, args.device, args.routing_map, args.predictions
@@ -703,8 +704,8 @@ def _run_cluster_evaluate(args: argparse.Namespace) -> None:
         )
     for store in (args.store, args.train_store):
         open_cluster_split(store)  # a missing or damaged store, named, before torch
+    from smoe.core.report.results import write_json
     from smoe.families.clusters.task import evaluate_cluster_checkpoint
-    from smoe.families.heat.evaluate import write_json
 
     result = evaluate_cluster_checkpoint(args.checkpoint, args.store, args.train_store)
     write_json(result, args.out)

@@ -46,8 +46,8 @@ def tiny_config(**options) -> dict:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """The workspace every case starts from (copied, never changed)."""
+    from smoe.core.report.results import write_json
     from smoe.families.clusters.task import evaluate_cluster_checkpoint, train_cluster
-    from smoe.families.heat.evaluate import write_json
 
     root = tmp_path_factory.mktemp("pristine_clusters")
     setting = make_setting({"setting": "s1", **SIZES})

@@ -23,8 +23,9 @@ import pytest
 import zarr
 
 from smoe.core.config import model_spec, validate_config
+from smoe.core.report.results import write_json
 from smoe.core.train.loop import train
-from smoe.families.heat.evaluate import evaluate_checkpoint, write_json
+from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
 

@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from smoe.core.atomic import write_text_atomic
 from smoe.core.errors import InputError, one_line
+from smoe.core.report.results import mean_std, read_json_result
 from smoe.core.report.tables import Column, Table, html_page, markdown_table, mean_spread
-from smoe.families.heat.aggregate import read_result
 
 REFERENCES = Path(__file__).with_name("references.yaml")
 FAMILY = "clusters"
@@ -241,7 +240,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[ClusterRun]:
     runs = []
     for path in paths:
         # keys are checked by check_run: metrics may hold nulls (no entropy for a single CNN)
-        result = read_result(path, required=())
+        result = read_json_result(path)
         runs.append(check_run(result, repr(str(path))))
     if not runs:
         raise InputError("no metrics files given: nothing to tabulate")
@@ -418,15 +417,6 @@ def _order(key: tuple, model: str) -> tuple:
     return (KINDS.index(kind), ACTIVATIONS.index(activation), experts or 0, filters, model)
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and ddof-1 std (NaN for one value; both NaN for none)."""
-    if not values:
-        return math.nan, math.nan
-    array = np.asarray(values, dtype=np.float64)
-    std = float(array.std(ddof=1)) if len(array) > 1 else math.nan
-    return float(array.mean()), std
-
-
 def our_rows(runs: Sequence[ClusterRun]) -> list[dict[str, Any]]:
     """One row per setting and model (settings in natural order, models as the paper orders
     them: singles, then MoE; linear, then nonlinear; by size), with seeds, means and stds.
@@ -452,9 +442,9 @@ def our_rows(runs: Sequence[ClusterRun]) -> list[dict[str, Any]]:
     rows = []
     for (setting, model), group in groups.items():
         first = group[0]
-        accuracy = _stats([r.test_accuracy for r in group])
-        entropy = _stats([r.dispatch_entropy for r in group if r.dispatch_entropy is not None])
-        evaluated = _stats(
+        accuracy = mean_std([r.test_accuracy for r in group])
+        entropy = mean_std([r.dispatch_entropy for r in group if r.dispatch_entropy is not None])
+        evaluated = mean_std(
             [r.dispatch_entropy_eval for r in group if r.dispatch_entropy_eval is not None]
         )
         rows.append(

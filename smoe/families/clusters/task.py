@@ -85,6 +85,7 @@ from smoe.core.config import ModelSpec
 from smoe.core.errors import InputError
 from smoe.core.metrics import parameter_count
 from smoe.core.provenance import describe_difference
+from smoe.core.report.results import write_json
 from smoe.core.train.checkpoint import load_checkpoint, stream_seed
 from smoe.core.train.device import resolve_device
 from smoe.core.train.loop import TaskTrainer, TrainingError, TrainingTask
@@ -98,7 +99,6 @@ from smoe.families.clusters.models import (
     loss_function,
 )
 from smoe.families.clusters.store import ClusterData, cluster_provenance, open_cluster_split
-from smoe.families.heat.evaluate import write_json
 
 __all__ = [
     "ClusterTask",

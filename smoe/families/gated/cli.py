@@ -203,8 +203,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             f"checkpoint {str(args.checkpoint)!r} does not exist (train it with smoe gated-train)"
         )
     _open_stores(test=args.store)
+    from smoe.core.report.results import write_json
     from smoe.families.gated.task import evaluate_gated_checkpoint
-    from smoe.families.heat.evaluate import write_json
 
     result = evaluate_gated_checkpoint(args.checkpoint, args.store)
     write_json(result, args.out)

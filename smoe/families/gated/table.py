@@ -29,19 +29,18 @@ config's model name.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from smoe.core.atomic import write_text_atomic
 from smoe.core.errors import InputError, one_line
+from smoe.core.report.results import mean_std, read_json_result, require_keys
 from smoe.core.report.tables import Column, Table, html_page, markdown_table, mean_spread
 
 REFERENCES = Path(__file__).with_name("references.yaml")
@@ -194,20 +193,7 @@ def _is_number(value: Any) -> bool:
 def read_json(path: str | Path) -> dict[str, Any]:
     """A metrics JSON file as a dict; missing, unreadable or not a JSON object: InputError
     naming the file."""
-    path = Path(path)
-    name = repr(str(path))
-    if not path.is_file():
-        state = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"metrics file {name} {state}")
-    try:
-        result = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise InputError(f"metrics file {name} cannot be read ({exc.strerror or exc})") from exc
-    except ValueError as exc:  # JSON syntax, or bytes that are not text
-        raise InputError(f"metrics file {name} is not JSON ({one_line(exc)})") from exc
-    if not isinstance(result, dict):
-        raise InputError(f"metrics file {name} is not a gated metrics file (not a JSON object)")
-    return result
+    return read_json_result(path, what="a gated metrics file")
 
 
 def _size_experts(result: Mapping[str, Any]) -> Any:
@@ -221,12 +207,7 @@ def _size_experts(result: Mapping[str, Any]) -> Any:
 def check_gated_run(result: Mapping[str, Any], name: str) -> GatedRun:
     """A loaded metrics dict as a :class:`GatedRun`, or an InputError naming ``name`` (its
     file) and the offending key."""
-    missing = [key for key in RESULT_KEYS if key not in result]
-    if missing:
-        raise InputError(
-            f"metrics file {name} is not a gated metrics file: it lacks "
-            f"{', '.join(map(repr, missing))}"
-        )
+    require_keys(result, RESULT_KEYS, name, "a gated metrics file")
     if result["family"] != FAMILY:
         raise InputError(
             f"metrics file {name} belongs to family {result['family']!r}, not {FAMILY!r}"
@@ -320,15 +301,6 @@ def load_gated_runs(paths: Iterable[str | Path]) -> list[GatedRun]:
 # --- our rows -----------------------------------------------------------------------------
 
 
-def _stats(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and sample std (ddof 1; NaN with one value); NaN, NaN when there are none."""
-    numbers = np.array([v for v in values if v is not None], dtype=np.float64)
-    if numbers.size == 0:
-        return math.nan, math.nan
-    std = float(numbers.std(ddof=1)) if numbers.size > 1 else math.nan
-    return float(numbers.mean()), std
-
-
 def selected_run(group: Sequence[GatedRun]) -> GatedRun | None:
     """The published selection rule on our seeds: the run with the lowest last-epoch
     validation error (highest last-epoch validation accuracy; ties: the lowest seed); None
@@ -354,7 +326,7 @@ def our_rows(runs: Sequence[GatedRun]) -> list[dict[str, Any]]:
             "seeds": len(group),
         }
         for metric in METRICS:
-            mean, std = _stats([run.metrics[metric] for run in group])
+            mean, std = mean_std([run.metrics[metric] for run in group])
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
         chosen = selected_run(group)
         row["selected_seed"] = None if chosen is None else chosen.seed

@@ -43,6 +43,7 @@ from torch import nn
 
 from smoe.core.config import ModelSpec
 from smoe.core.errors import InputError
+from smoe.core.report.results import write_json
 from smoe.core.train import distributed
 from smoe.core.train.checkpoint import load_checkpoint
 from smoe.core.train.device import resolve_device
@@ -80,7 +81,6 @@ from smoe.families.gated.spec import (
     weight_decay,
 )
 from smoe.families.gated.store import ImageData, open_image_split
-from smoe.families.heat.evaluate import write_json
 
 __all__ = [
     "GATED_KINDS",

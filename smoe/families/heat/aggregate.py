@@ -17,7 +17,6 @@ shown only when the evaluated test split is the one they were measured on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import yaml
 
 from smoe.core.atomic import write_text_atomic
 from smoe.core.errors import InputError
+from smoe.core.report.results import read_json_result, require_keys
 from smoe.core.report.tables import Column, Table, html_page, markdown_table, mean_spread
 from smoe.families.heat.names import ANALYTIC_KINDS
 
@@ -71,28 +71,9 @@ RESULT_KEYS = ("model", "kind", "seed", "metrics", "params", "train_time_s", "be
 def read_result(path: str | Path, required: Iterable[str] = RESULT_KEYS) -> dict[str, Any]:
     """One metrics JSON file; a missing, unreadable or malformed one (not a JSON object, a
     required key missing, metrics that are not numbers) raises an InputError naming it."""
-    path = Path(path)
     name = repr(str(path))
-    if not path.is_file():
-        state = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"metrics file {name} {state}")
-    try:
-        result = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise InputError(f"metrics file {name} cannot be read ({exc.strerror or exc})") from exc
-    except ValueError as exc:  # JSON syntax, or bytes that are not text
-        raise InputError(
-            f"metrics file {name} is not JSON ({' '.join(str(exc).split())}): not an "
-            "evaluation result of smoe evaluate"
-        ) from exc
-    if not isinstance(result, dict):
-        raise InputError(f"metrics file {name} is not an evaluation result (not a JSON object)")
-    missing = [key for key in required if key not in result]
-    if missing:
-        raise InputError(
-            f"metrics file {name} is not an evaluation result: it lacks "
-            f"{', '.join(map(repr, missing))}"
-        )
+    result = read_json_result(path, not_json_hint=": not an evaluation result of smoe evaluate")
+    require_keys(result, required, name, "an evaluation result")
     metrics = result.get("metrics")
     if "metrics" in required and (
         not isinstance(metrics, dict)

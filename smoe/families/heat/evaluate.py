@@ -8,7 +8,6 @@ experts to region types) and how close each matched expert's kernel is to the tr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smoe.core.atomic import atomic_file, write_text_atomic
+from smoe.core.atomic import atomic_file
 from smoe.core.config import ModelSpec
 from smoe.core.errors import InputError
 from smoe.core.train.checkpoint import load_checkpoint
@@ -280,7 +279,3 @@ def evaluate_checkpoint(
 
         write_predictions(torch.cat(predictions), dataset, result, predictions_out)
     return result
-
-
-def write_json(result: dict[str, Any], out: str | Path) -> None:
-    write_text_atomic(out, json.dumps(result, indent=2))
