@@ -36,9 +36,9 @@ import zarr
 
 from smoe.families.heat import heat_loop
 from smoe.families.heat.choices import task_runs
-from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
 from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.reference import reference_generate
+from smoe.families.heat.simulation import HeatParams, plan_runs, simulate_plan
 from smoe.families.heat.store import keep_freed_memory_mapped, simulate_split
 
 PAPER = HeatParams((0.0025, 0.025, 0.25), steps=100)

@@ -23,8 +23,8 @@ from torch import nn
 
 from smoe.families.heat.dataset import HeatPairs, loader
 from smoe.families.heat.mask import generate_mask
-from smoe.nn.routing import RoutingOptions
 from smoe.nn.layer import SMoELayer
+from smoe.nn.routing import RoutingOptions
 
 
 def sync(device: torch.device) -> None:

@@ -324,7 +324,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
     from smoe.core.config import load_config, model_spec, validate_spec
     from smoe.core.train.distributed import is_main
-    from smoe.core.train.loop import train
+    from smoe.families.heat.task import train
 
     if args.config is not None:
         if not args.model:

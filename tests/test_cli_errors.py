@@ -24,10 +24,10 @@ import zarr
 
 from smoe.core.config import model_spec, validate_config
 from smoe.core.report.results import write_json
-from smoe.core.train.loop import train
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 pytestmark = pytest.mark.slow
 

@@ -696,7 +696,7 @@ def undefined_run_names(
 
 
 BATCH_WIDE_AUX = ("importance", "load", "load_shazeer", "spatial")
-"""SMoE auxiliary losses computed over the whole minibatch (``smoe.core.train.loop.HeatTask``
+"""SMoE auxiliary losses computed over the whole minibatch (``smoe.families.heat.task.HeatTask``
 refuses them on several processes; a test keeps the two equal)."""
 
 

@@ -8,10 +8,10 @@ import zarr
 
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
-from smoe.core.train.loop import train
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=4)
 

@@ -7,12 +7,12 @@ import torch
 
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
-from smoe.core.train.loop import train
 from smoe.families.heat.analytic import GeneratorPredictor, StencilPredictor
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import open_store, simulate_split
+from smoe.families.heat.task import train
 
 DIFFUSIVITY = (0.0025, 0.025, 0.25)
 

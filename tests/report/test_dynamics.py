@@ -13,12 +13,12 @@ from matplotlib.text import Text
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
 from smoe.core.report.figures import DPI
-from smoe.core.train.loop import train
 from smoe.families.heat import dynamics as D
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.figures import load_histories, read_history
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=6)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,9 +18,9 @@ from smoe.core.train.checkpoint import (
     save_atomic,
     seed_everything,
 )
-from smoe.core.train.loop import Trainer
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import Trainer
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=6)
 

@@ -5,10 +5,10 @@ import torch
 
 from smoe.core.config import model_spec, validate_config
 from smoe.core.train.device import resolve_precision
-from smoe.core.train.loop import train
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 from smoe.nn.routing import RoutingOptions, route
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,7 +99,7 @@ def test_cuda_training_resumes_to_the_uninterrupted_result(stores, tmp_path):
         return model_spec(config, "m")
 
     whole = train(spec(4), stores["train"], stores["val"], 0, tmp_path / "a", progress=False)
-    from smoe.core.train.loop import Trainer
+    from smoe.families.heat.task import Trainer
 
     trainer = Trainer(spec(4), stores["train"], stores["val"], 0, tmp_path / "b", False)
     original = trainer._validate

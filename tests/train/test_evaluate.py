@@ -12,7 +12,6 @@ import torch
 from smoe.cli import main
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
-from smoe.core.train.loop import train
 from smoe.families.heat.dataset import HeatPairs, Normalizer
 from smoe.families.heat.evaluate import dataset_metrics, evaluate_checkpoint
 from smoe.families.heat.mask import generate_mask
@@ -20,6 +19,7 @@ from smoe.families.heat.reference import reference_stencil
 from smoe.families.heat.registry import build_model
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 PAPER_SMOE = {

@@ -14,9 +14,10 @@ import torch
 
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
-from smoe.core.train.loop import Trainer, TrainingError, train
+from smoe.core.train.loop import TrainingError
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import open_store, simulate_split
+from smoe.families.heat.task import Trainer, train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 PAPER_SMOE = {

@@ -16,13 +16,14 @@ import torch
 from smoe.core.config import model_spec, validate_config
 from smoe.core.errors import InputError
 from smoe.core.train import distributed
-from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer, TrainingTask, train
+from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer, TrainingTask
 from smoe.families.clusters.task import ClusterTask
 from smoe.families.gated.store import write_image_split
 from smoe.families.gated.task import train_gated
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)
 PAPER_SMOE = {"gate": "latent", "experts": 3, "k": 1, "rc_loss": True, "damping": True}

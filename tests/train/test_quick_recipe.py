@@ -11,11 +11,11 @@ offsets) the same recipe stops between 43 % and 95 % (measured while writing thi
 import pytest
 
 from smoe.core.config import load_config, model_spec
-from smoe.core.train.loop import train
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import train
 
 pytestmark = pytest.mark.slow
 

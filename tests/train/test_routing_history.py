@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from smoe.core.config import model_spec, validate_config
-from smoe.core.train.loop import Trainer, train
 from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
 from smoe.families.heat.evaluate import RoutingTally, evaluate_checkpoint
 from smoe.families.heat.registry import build_model
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
+from smoe.families.heat.task import Trainer, train
 from smoe.nn.layer import smoe_layers
 
 PARAMS = HeatParams((0.0025, 0.025, 0.25), steps=8)

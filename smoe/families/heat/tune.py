@@ -1,7 +1,7 @@
 """Learning-rate selection on the validation split: one training per candidate rate.
 
 :func:`tune_lr` trains a model once for every candidate learning rate with
-:func:`smoe.core.train.loop.train` (same seed, so the same initial weights and batch order for
+:func:`smoe.families.heat.task.train` (same seed, so the same initial weights and batch order for
 every rate), each in its own folder under a work directory, and picks the rate whose best
 validation epoch scores best on the config's selection metric (``train.select``). The test
 split is never read. The table goes to a CSV; a rate whose training diverges (non-finite
@@ -21,7 +21,8 @@ from smoe.core.atomic import atomic_file
 from smoe.core.config import ModelSpec
 from smoe.core.errors import InputError
 from smoe.core.metrics import is_better
-from smoe.core.train.loop import TrainingError, train
+from smoe.core.train.loop import TrainingError
+from smoe.families.heat.task import train
 
 COLUMNS = (
     "lr",
