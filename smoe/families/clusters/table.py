@@ -80,7 +80,7 @@ COLUMNS = [
     Column("seeds"),
     Column("parameters", "", "count"),
     Column("test accuracy", "%", "percent"),
-    Column("dispatch entropy", "nats, last training pass (as published)", "plain"),
+    Column("dispatch entropy", "nats, last training pass, as published", "plain"),
     Column("dispatch entropy at evaluation", "nats, train store, kept checkpoint", "plain"),
 ]
 TITLE = "Synthetic clusters (Chen et al., NeurIPS 2022): test accuracy and dispatch entropy"
