@@ -322,8 +322,9 @@ def _relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> i
 def _run_train(args: argparse.Namespace) -> None:
     import json
 
-    from smoe.core.config import load_config, model_spec, validate_spec
+    from smoe.config import load_config
     from smoe.core.train.distributed import is_main
+    from smoe.families.heat.config import model_spec, validate_spec
     from smoe.families.heat.task import train
 
     if args.config is not None:
@@ -380,7 +381,8 @@ def _add_tune_lr(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune_lr(args: argparse.Namespace) -> None:
-    from smoe.core.config import load_config, model_spec
+    from smoe.config import load_config
+    from smoe.families.heat.config import model_spec
     from smoe.families.heat.tune import tune_lr
 
     spec = model_spec(load_config(args.config), args.model)
@@ -598,7 +600,8 @@ def _cluster_spec_argument(args: argparse.Namespace):
     """The model spec of --config/--model or --spec, validated like the workflow's."""
     import json
 
-    from smoe.core.config import cluster_model_spec, load_config, validate_cluster_spec
+    from smoe.config import load_config
+    from smoe.families.clusters.config import cluster_model_spec, validate_cluster_spec
 
     if args.config is not None:
         if not args.model:
@@ -884,7 +887,7 @@ def _add_check_config(sub: argparse._SubParsersAction) -> None:
 def _run_check_config(args: argparse.Namespace) -> None:
     import yaml
 
-    from smoe.core.config import load_config
+    from smoe.config import load_config
 
     print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
 
@@ -913,7 +916,7 @@ def _run_provenance(args: argparse.Namespace) -> None:
     from smoe.core.report.provenance import write_provenance
 
     if args.config is not None:
-        from smoe.core.config import load_config
+        from smoe.config import load_config
 
         config = load_config(args.config)
     else:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from smoe.core.config import cluster_model_spec, validate_config
+from smoe.config import validate_config
+from smoe.families.clusters.config import cluster_model_spec
 from smoe.families.clusters.data import make_setting
 from smoe.families.clusters.store import open_cluster_split, write_cluster_split
 

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import zarr
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.report.results import write_json
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split

@@ -8,19 +8,19 @@ import pytest
 import torch
 import yaml
 
-from smoe.core import options as option_schema
-from smoe.core.config import (
+from smoe.config import load_config, validate_config
+from smoe.core.errors import InputError
+from smoe.families.clusters import options as cluster_options
+from smoe.families.heat import baselines, names
+from smoe.families.heat import options as option_schema
+from smoe.families.heat.config import (
     Config,
     close_metric_name,
     computable_metrics,
-    load_config,
     model_spec,
     region_rtol_scale_of,
-    validate_config,
     validate_spec,
 )
-from smoe.core.errors import InputError
-from smoe.families.heat import baselines, names
 from smoe.families.heat.metrics import MetricAccumulator, close_name
 from smoe.families.heat.registry import DATA_ARGUMENTS, MODELS, build_model
 from smoe.families.heat.simulation import HeatParams
@@ -178,7 +178,7 @@ def constructor_options(builder, common) -> dict:
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_option_schema_matches_the_constructor(kind):
     """Names and defaults of every kind's options are those of its constructor's signature:
-    a new, renamed or re-defaulted option fails here until smoe/option_schema.py says so."""
+    a new, renamed or re-defaulted option fails here until smoe/families/heat/options.py says so."""
     assert option_schema.defaults(kind) == constructor_options(MODELS[kind], COMMON)
 
 
@@ -532,7 +532,7 @@ def test_cpu_and_auto_never_look_for_a_gpu(monkeypatch):
 
 def test_validation_does_not_import_torch():
     code = (
-        "import sys, smoe.core.config as c; "
+        "import sys, smoe.config as c; "
         "c.validate_config({'models': {'s': {'kind': 'smoe', 'options': {'gate': 'conv'}}}}); "
         "print('torch' in sys.modules)"
     )
@@ -633,7 +633,7 @@ def test_a_workflow_spec_passes_and_fills_nothing_new():
 
 import json  # noqa: E402
 
-from smoe.core.config import (  # noqa: E402
+from smoe.families.clusters.config import (
     cluster_model_spec,
     cluster_models_to_run,
     cluster_setting,
@@ -701,7 +701,7 @@ def test_shipped_configs_run_the_cluster_family_at_their_sizes(repo):
 
 
 def test_the_schema_names_every_setting_and_setting_field():
-    from smoe.core.config import load_schema
+    from smoe.config import load_schema
     from smoe.families.clusters.data import SETTING_KEYS, SETTINGS
 
     section = load_schema()["properties"]["clusters"]["properties"]
@@ -726,15 +726,15 @@ def test_cluster_option_schema_matches_the_builder(kind):
     }
     if kind == "cluster_single":
         expected["init_scale"] = cluster_models.SINGLE_INIT_SCALE
-    assert option_schema.cluster_defaults(kind) == expected
-    assert option_schema.CLUSTER_MODEL_KINDS == cluster_models.CLUSTER_KINDS
-    assert option_schema.CLUSTER_ACTIVATIONS == cluster_models.ACTIVATIONS
+    assert cluster_options.cluster_defaults(kind) == expected
+    assert cluster_options.CLUSTER_MODEL_KINDS == cluster_models.CLUSTER_KINDS
+    assert cluster_options.CLUSTER_ACTIVATIONS == cluster_models.ACTIVATIONS
 
 
 def test_cluster_epochs_by_kind_equal_the_trainer():
     from smoe.families.clusters.task import EPOCHS
 
-    assert option_schema.CLUSTER_EPOCHS == EPOCHS
+    assert cluster_options.CLUSTER_EPOCHS == EPOCHS
 
 
 @pytest.mark.parametrize(

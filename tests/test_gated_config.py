@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from smoe.core.config import validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.families.gated.config import gated_dependencies, gated_model_spec, gated_models_to_run
 

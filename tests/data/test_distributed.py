@@ -14,7 +14,7 @@ import pytest
 import yaml
 import zarr
 
-from smoe.core.config import validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.families.heat.choices import scheduler_address
 

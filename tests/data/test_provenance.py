@@ -6,8 +6,9 @@ import sys
 import pytest
 import zarr
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split

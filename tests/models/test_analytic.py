@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.families.heat.analytic import GeneratorPredictor, StencilPredictor
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams

@@ -10,10 +10,11 @@ import pytest
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.core.report.figures import DPI
 from smoe.families.heat import dynamics as D
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.figures import load_histories, read_history
 from smoe.families.heat.simulation import HeatParams

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.core.train.checkpoint import (
     FORMAT,
@@ -18,6 +18,7 @@ from smoe.core.train.checkpoint import (
     save_atomic,
     seed_everything,
 )
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split
 from smoe.families.heat.task import Trainer

@@ -553,7 +553,8 @@ def test_the_stop_settings_in_a_config_resolve_per_kind_and_bad_ones_name_the_ke
 
     import yaml
 
-    from smoe.core.config import cluster_model_spec, validate_config
+    from smoe.config import validate_config
+    from smoe.families.clusters.config import cluster_model_spec
 
     raw = yaml.safe_load((Path(__file__).parents[2] / "config" / "test.yaml").read_text())
     config = validate_config(json.loads(json.dumps(raw)))

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.train.device import resolve_precision
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split

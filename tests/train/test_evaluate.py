@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from smoe.cli import main
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.dataset import HeatPairs, Normalizer
 from smoe.families.heat.evaluate import dataset_metrics, evaluate_checkpoint
 from smoe.families.heat.mask import generate_mask

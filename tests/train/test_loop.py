@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.core.train.loop import TrainingError
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import open_store, simulate_split
 from smoe.families.heat.task import Trainer, train

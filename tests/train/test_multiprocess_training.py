@@ -13,13 +13,14 @@ import sys
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
 from smoe.core.errors import InputError
 from smoe.core.train import distributed
 from smoe.core.train.loop import INTERRUPT_ENV, TaskTrainer, TrainingTask
 from smoe.families.clusters.task import ClusterTask
 from smoe.families.gated.store import write_image_split
 from smoe.families.gated.task import train_gated
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.dataset import HeatPairs
 from smoe.families.heat.simulation import HeatParams
 from smoe.families.heat.store import simulate_split

@@ -10,7 +10,8 @@ offsets) the same recipe stops between 43 % and 95 % (measured while writing thi
 
 import pytest
 
-from smoe.core.config import load_config, model_spec
+from smoe.config import load_config
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.evaluate import evaluate_checkpoint
 from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.simulation import HeatParams

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.core.config import model_spec, validate_config
+from smoe.config import validate_config
+from smoe.families.heat.config import model_spec
 from smoe.families.heat.dataset import HeatPairs, Normalizer, loader
 from smoe.families.heat.evaluate import RoutingTally, evaluate_checkpoint
 from smoe.families.heat.registry import build_model

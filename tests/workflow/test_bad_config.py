@@ -264,7 +264,8 @@ def test_smoe_train_refuses_a_bad_spec_naming_the_key(repo, built, tmp_path, cha
     """`smoe train --spec` (what the train rule runs) checks its spec as the workflow does,
     the store giving the data's steps; nothing is written."""
     config = yaml.safe_load((repo / "config" / "test.yaml").read_text())
-    from smoe.core.config import model_spec, validate_config
+    from smoe.config import validate_config
+    from smoe.families.heat.config import model_spec
 
     spec = model_spec(validate_config(config, gpu="skip"), "cnn").to_dict()
     spec.update(change)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from snakemake_runs import run_snakemake
 
-from smoe.core.config import Config, load_config
+from smoe.config import load_config
+from smoe.families.heat.config import Config
 from smoe.families.heat.store import open_store, simulate_split
 
 distributed = pytest.importorskip("distributed")

@@ -13,28 +13,25 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
-from smoe.core.config import (
+from smoe.config import validate_config
+from smoe.core.config import gpu_check_mode
+from smoe.core.errors import InputError
+from smoe.families.clusters.config import (
     CLUSTER_SPLITS,
-    SPLITS,
-    Config,
     cluster_data_overrides,
     cluster_models_to_run,
     cluster_model_spec,
     cluster_setting,
-    gpu_check_mode,
-    model_spec,
-    models_to_run,
-    validate_config,
 )
-from smoe.families.heat.choices import chunk_runs, task_runs
-from smoe.core.errors import InputError
+from smoe.families.clusters.options import CLUSTER_EPOCHS, cluster_defaults
 from smoe.families.gated.config import (
     gated_dependencies,
     gated_model_spec,
     gated_models_to_run,
     gated_source_files,
 )
-from smoe.core.options import CLUSTER_EPOCHS, cluster_defaults
+from smoe.families.heat.choices import chunk_runs, task_runs
+from smoe.families.heat.config import SPLITS, Config, model_spec, models_to_run
 from smoe.families.heat.stale import stale_outputs
 
 

@@ -34,7 +34,8 @@ def _spec_arguments(p: argparse.ArgumentParser) -> None:
 
 def _spec(args: argparse.Namespace):
     """The model spec of ``--config``/``--model`` or ``--spec``, checked before any work."""
-    from smoe.core.config import SPEC_KEYS, ModelSpec, load_config
+    from smoe.config import load_config
+    from smoe.core.config import SPEC_KEYS, ModelSpec
     from smoe.families.gated.config import gated_model_spec
 
     if args.config is not None:

@@ -14,22 +14,23 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from smoe.core import options as option_schema
 from smoe.core.config import (
     ModelSpec,
-    _dotted,
-    _schema_errors,
-    _split_key,
     coerce_strings,
     deep_merge,
+    dotted,
+    schema_errors,
+    split_key,
     undefined_run_names,
 )
 from smoe.core.errors import InputError
+from smoe.families.gated import options as gated_options
 from smoe.families.gated.images import EMBEDDED, check_source
 
 __all__ = [
     "check_gated",
-    "gated_cuda_wanted",
+    "config_errors",
+    "cuda_wanted",
     "gated_dependencies",
     "gated_model_spec",
     "gated_models_to_run",
@@ -85,9 +86,9 @@ def gated_source_files(config: dict[str, Any]) -> list[Path]:
 
 
 def _option_errors(kind: str, options: dict[str, Any], base: tuple) -> list[str]:
-    schema = option_schema.gated_kind_schema(kind)
+    schema = gated_options.gated_kind_schema(kind)
     coerce_strings(options, schema)
-    return _schema_errors(options, schema, base, "config key")
+    return schema_errors(options, schema, base, "config key")
 
 
 def _dependency_errors(config: dict[str, Any], name: str, base: tuple) -> list[str]:
@@ -100,7 +101,7 @@ def _dependency_errors(config: dict[str, Any], name: str, base: tuple) -> list[s
     wanted = {"teacher": ("gated_moe", ("teacher",)), "features": ("gated_single", None)}
     for role, other in gated_dependencies(config, name).items():
         kind, path = wanted[role]
-        key = _dotted([*base, *(path or ("similarity", "features"))])
+        key = dotted([*base, *(path or ("similarity", "features"))])
         if other == name:
             lines.append(f"config key '{key}': model {name!r} cannot depend on itself")
         elif other not in models:
@@ -116,14 +117,14 @@ def _dependency_errors(config: dict[str, Any], name: str, base: tuple) -> list[s
     if model["kind"] == "gated_distilled" and not options.get("teacher"):
         moes = [n for n, m in models.items() if m["kind"] == "gated_moe"]
         lines.append(
-            f"config key '{_dotted([*base, 'teacher'])}': a gated_distilled model needs "
+            f"config key '{dotted([*base, 'teacher'])}': a gated_distilled model needs "
             "the name of the trained gated_moe whose experts it reuses"
             + (f" (e.g. one of: {', '.join(moes)})" if moes else " (none is defined)")
         )
     if lines:
         return lines
-    for where, message in option_schema.gated_cross_errors(model["kind"], options):
-        lines.append(f"config key '{_dotted([*base, *_split_key(where)])}': {message}")
+    for where, message in gated_options.gated_cross_errors(model["kind"], options):
+        lines.append(f"config key '{dotted([*base, *split_key(where)])}': {message}")
     return lines
 
 
@@ -161,7 +162,7 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     train_schema = {**schema["$defs"]["gated_train"], "$defs": schema["$defs"]}
     for name, model in gated["models"].items():
         base = (SECTION, "models", name, "options")
-        if model["kind"] not in option_schema.GATED_MODEL_KINDS:
+        if model["kind"] not in gated_options.GATED_MODEL_KINDS:
             continue  # the schema's enum has named it
         errors = _option_errors(model["kind"], model["options"], base)
         lines += errors or _dependency_errors(config, name, base)
@@ -177,7 +178,7 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
                 f"{processes} processes for model {name!r}, but its batch_size {batch} leaves "
                 "a process without samples; raise the batch size or use fewer processes"
             )
-        lines += _schema_errors(
+        lines += schema_errors(
             merged,
             train_schema,
             (SECTION, "models", name, "train"),
@@ -195,11 +196,17 @@ def check_gated(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     return lines
 
 
-def gated_cuda_wanted(config: dict[str, Any]) -> dict[str, list[str]]:
-    """Config keys that send a gated model to CUDA, with the models they send."""
+def config_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """The ``gated`` section's cross-key checks."""
+    return check_gated(config, schema)
+
+
+def cuda_wanted(config: dict[str, Any], valid: bool) -> dict[str, list[str]]:
+    """Config keys that send an enabled gated model to CUDA, with the models (only once
+    every check has passed)."""
     wanted: dict[str, list[str]] = {}
     gated = config[SECTION]
-    if not gated["enabled"]:
+    if not valid or not gated["enabled"]:
         return wanted
     for name, model in gated["models"].items():
         if deep_merge(gated["train"], model["train"]).get("device") == "cuda":

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from smoe.core.config import close_metric_name
+from smoe.families.heat.config import close_metric_name
 
 ATOL = 1e-8
 

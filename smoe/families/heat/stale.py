@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from smoe.core.config import SPLITS
 from smoe.core.errors import InputError
+from smoe.families.heat.config import SPLITS
 
 
 def stale_outputs(config: dict[str, Any]) -> list[str]:
