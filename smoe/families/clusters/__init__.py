@@ -15,5 +15,8 @@ FAMILY = Family(
     hooks={
         "config_errors": "smoe.families.clusters.config:config_errors",
         "cuda_wanted": "smoe.families.clusters.config:cuda_wanted",
+        "add_commands": "smoe.families.clusters.cli:add_commands",
+        "cli_paths": "smoe.families.clusters.cli:paths",
+        "figures": "smoe.families.clusters.cli:FIGURES",
     },
 )

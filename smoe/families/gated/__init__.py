@@ -16,5 +16,8 @@ FAMILY = Family(
     hooks={
         "config_errors": "smoe.families.gated.config:config_errors",
         "cuda_wanted": "smoe.families.gated.config:cuda_wanted",
+        "add_commands": "smoe.families.gated.cli:add_commands",
+        "cli_paths": "smoe.families.gated.cli:paths",
+        "figures": "smoe.families.gated.cli:FIGURES",
     },
 )

@@ -4,50 +4,35 @@ each a workflow job and runnable by hand.
 ``gated-data`` converts a data set into the project's image stores, ``gated-train`` trains one
 model with one seed, ``gated-evaluate`` scores its ``best.pt``, ``gated-run`` does both for
 several seeds in one process (the workflow's job per model), ``gated-table`` aggregates the
-metrics beside the published figures. Errors follow :mod:`smoe.cli`: one line, exit status 2.
+metrics beside the published figures. Errors follow :mod:`smoe.core.cli`: one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from smoe.core.cli import (
+    Seeds,
+    add_processes_option,
+    add_seed_runs_arguments,
+    add_spec_arguments,
+    add_table_command,
+    check_seeds,
+    seed_runs_outputs,
+    spec_from_arguments,
+    table_outputs,
+)
 from smoe.core.errors import InputError
 
 GATED_TABLES = ("table.csv", "table.md", "table.html")
 
 
-def _processes(p: argparse.ArgumentParser) -> None:
-    from smoe.cli import add_processes_option
-
-    add_processes_option(p)
-
-
-def _spec_arguments(p: argparse.ArgumentParser) -> None:
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="workflow config file (with --model)")
-    source.add_argument("--spec", help="model spec as JSON (name, kind, options, train, ...)")
-    p.add_argument("--model", help="model name under 'gated.models' in --config")
-
-
-def _spec(args: argparse.Namespace):
-    """The model spec of ``--config``/``--model`` or ``--spec``, checked before any work."""
-    from smoe.config import load_config
+def _spec_from_json(raw):
+    """A ``--spec`` JSON object as a model spec (the family's own checks follow)."""
     from smoe.core.config import SPEC_KEYS, ModelSpec
-    from smoe.families.gated.config import gated_model_spec
 
-    if args.config is not None:
-        if not args.model:
-            raise InputError("--config needs --model NAME (a name under 'gated.models')")
-        return gated_model_spec(load_config(args.config), args.model)
-    if args.model:
-        raise InputError("--model goes with --config, not with --spec")
-    try:
-        raw = json.loads(args.spec)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--spec is not valid JSON: {exc}") from None
     if not isinstance(raw, dict) or not {"name", "kind"} <= set(raw):
         raise InputError("--spec must be a JSON object with at least name and kind")
     unknown = set(raw) - set(SPEC_KEYS)
@@ -57,6 +42,13 @@ def _spec(args: argparse.Namespace):
         )
     full = {"options": {}, "train": {}, "data": {}, "evaluate": {}, **raw}
     return ModelSpec.from_dict(full)
+
+
+def _spec(args: argparse.Namespace):
+    """The model spec of ``--config``/``--model`` or ``--spec``, checked before any work."""
+    from smoe.families.gated.config import gated_model_spec
+
+    return spec_from_arguments(args, "gated.models", gated_model_spec, _spec_from_json)
 
 
 def _open_stores(**stores: Path) -> None:
@@ -146,7 +138,7 @@ def _run_data(args: argparse.Namespace) -> None:
 # -- gated-train / gated-evaluate / gated-run --------------------------------------------
 
 
-def _add_train(sub: argparse._SubParsersAction, seed_type) -> None:
+def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
     p = sub.add_parser(
         "gated-train",
         help="train one gated-family model with one seed",
@@ -155,13 +147,13 @@ def _add_train(sub: argparse._SubParsersAction, seed_type) -> None:
         "it, unless train.select.mode is max or min; an interrupted run resumes from last.pt "
         "when its spec, seed and data are the same).",
     )
-    _spec_arguments(p)
+    add_spec_arguments(p, "gated.models")
     p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
     p.add_argument("--val-store", type=Path, required=True, help="val split (.zarr)")
-    p.add_argument("--seed", type=seed_type, required=True, help="training seed")
+    p.add_argument("--seed", type=seeds.train, required=True, help="training seed")
     p.add_argument("--out", type=Path, required=True, help="folder for best.pt, history, ...")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _processes(p)
+    add_processes_option(p)
     p.set_defaults(run=_run_train)
 
 
@@ -212,7 +204,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: test accuracy {result['metrics']['test_accuracy']:.2f} %")
 
 
-def _add_run(sub: argparse._SubParsersAction, seed_type) -> None:
+def _add_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
     p = sub.add_parser(
         "gated-run",
         help="train and evaluate one gated-family model for several seeds",
@@ -221,13 +213,11 @@ def _add_run(sub: argparse._SubParsersAction, seed_type) -> None:
         "workflow's job per model). A distilled model's teacher and a similarity loss's "
         "feature network are taken per seed from --teacher-dir / --features-dir.",
     )
-    _spec_arguments(p)
+    add_spec_arguments(p, "gated.models")
     p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
     p.add_argument("--val-store", type=Path, required=True, help="val split (.zarr)")
     p.add_argument("--test-store", type=Path, required=True, help="test split (.zarr)")
-    p.add_argument("--seeds", type=seed_type, nargs="+", required=True, help="training seeds")
-    p.add_argument("--models-dir", type=Path, required=True, help="folder of the seed folders")
-    p.add_argument("--metrics-dir", type=Path, required=True, help="folder of seed<k>.json")
+    add_seed_runs_arguments(p, seeds.train)
     p.add_argument(
         "--teacher-dir", type=Path, default=None, help="the teacher's seed folders (distilled)"
     )
@@ -237,14 +227,12 @@ def _add_run(sub: argparse._SubParsersAction, seed_type) -> None:
         default=None,
         help="seed folders of the gated_single whose features measure similarity",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _processes(p)
+    add_processes_option(p)
     p.set_defaults(run=_run_run)
 
 
 def _run_run(args: argparse.Namespace) -> None:
-    if len(set(args.seeds)) != len(args.seeds):
-        raise InputError(f"--seeds lists a seed twice: {args.seeds}")
+    check_seeds(args.seeds)
     spec = _spec(args)
     stores = {"train": args.train_store, "val": args.val_store, "test": args.test_store}
     _open_stores(**stores)
@@ -275,8 +263,6 @@ def _run_run(args: argparse.Namespace) -> None:
 
 
 def _add_table(sub: argparse._SubParsersAction) -> None:
-    from smoe.cli import add_table_command
-
     add_table_command(
         sub,
         "gated-table",
@@ -292,16 +278,16 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 # -- registration ------------------------------------------------------------------------
 
 
-def add_gated_commands(sub: argparse._SubParsersAction, train_seed, data_seed) -> None:
-    """Register the family's subcommands; ``train_seed`` and ``data_seed`` parse seeds."""
-    _add_data(sub, data_seed)
-    _add_train(sub, train_seed)
+def add_commands(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
+    """Register the family's subcommands."""
+    _add_data(sub, seeds.data)
+    _add_train(sub, seeds)
     _add_evaluate(sub)
-    _add_run(sub, train_seed)
+    _add_run(sub, seeds)
     _add_table(sub)
 
 
-def gated_paths(args: argparse.Namespace) -> tuple[list[Any], list[tuple[Any, str]]] | None:
+def paths(args: argparse.Namespace) -> tuple[list[Any], list[tuple[Any, str]]] | None:
     """Inputs and outputs (path, ``file`` or ``folder``) of a gated command line, for the
     CLI's checks before any work; None for other commands."""
     command = args.command
@@ -312,12 +298,35 @@ def gated_paths(args: argparse.Namespace) -> tuple[list[Any], list[tuple[Any, st
     if command == "gated-evaluate":
         return [args.checkpoint, args.store], [(args.out, "file")]
     if command == "gated-run":
-        outputs = [(args.models_dir, "folder"), (args.metrics_dir, "folder")]
-        seeds = dict.fromkeys(args.seeds)
-        outputs += [(args.metrics_dir / f"seed{seed}.json", "file") for seed in seeds]
         inputs = [args.config, args.train_store, args.val_store, args.test_store]
-        return inputs, outputs
+        return inputs, seed_runs_outputs(args)
     if command == "gated-table":
-        tables = [args.out_dir / name for name in GATED_TABLES]
-        return list(args.metrics), [(args.out_dir, "folder"), *((t, "file") for t in tables)]
+        return table_outputs(args, GATED_TABLES)
     return None
+
+
+# -- smoe figure KIND ----------------------------------------------------------------------
+
+
+def _draw(args: argparse.Namespace):
+    from smoe.core.report.figures import figure_paths
+    from smoe.families.gated import figures
+
+    draw = {
+        "gated-routing": figures.plot_gated_routing,
+        "accuracy-usage": figures.plot_accuracy_usage,
+    }[args.kind]
+    draw(args.metrics, args.out)
+    return figure_paths(args.out)
+
+
+FIGURES = {
+    "gated-routing": (("metrics",), _draw, "expert x class routing per MoE"),
+    "accuracy-usage": (
+        ("metrics",),
+        _draw,
+        "test accuracy against expert-usage entropy H_u, beside the published MNIST points",
+    ),
+}
+"""``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
+what it shows)."""

@@ -15,6 +15,9 @@ FAMILY = Family(
     hooks={
         "config_errors": "smoe.families.heat.config:config_errors",
         "cuda_wanted": "smoe.families.heat.config:cuda_wanted",
+        "add_commands": "smoe.families.heat.cli:add_commands",
+        "cli_paths": "smoe.families.heat.cli:paths",
+        "figures": "smoe.families.heat.cli:FIGURES",
         "stale_outputs": "smoe.families.heat.stale:stale_outputs",
     },
 )
