@@ -157,7 +157,7 @@ def bad_cases() -> list[tuple[str, list[str], str]]:
             "top_k",
         ),
         ("gated-run", run_args(moe, "m", "0", "0"), "--seeds lists a seed twice"),
-        ("gated-run", run_args("{not json", "m", "0"), "--spec is not valid JSON"),
+        ("gated-run", run_args("{not json", "m", "0"), "--spec is not JSON"),
         (
             "gated-evaluate",
             ["gated-evaluate", "--checkpoint", "none.pt", "--store", "test.zarr"]
