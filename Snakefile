@@ -26,11 +26,14 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/report.smk"
-include: "workflow/rules/clusters.smk"
-include: "workflow/rules/gated.smk"
+
+
+# One rule file per experiment family, in the order of the family list
+# (smoe/families/__init__.py): workflow/rules/<name>.smk.
+for _family_name in FAMILY_NAMES:
+
+    include: f"workflow/rules/{_family_name}.smk"
+
 
 
 rule all:

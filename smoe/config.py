@@ -86,3 +86,14 @@ def load_config(path: str | Path) -> dict[str, Any]:
         return validate_config(raw)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc
+
+
+def stale_outputs(config: dict[str, Any]) -> list[str]:
+    """Every family's outputs on disk that no longer match how they were made (one line
+    each, naming the file and how to regenerate it), checked while planning."""
+    problems: list[str] = []
+    for family in families():
+        check = family.hook("stale_outputs")
+        if check is not None:
+            problems += check(config)
+    return problems

@@ -494,3 +494,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise InputError(f"config file {str(path)!r} must hold a mapping of keys")
     return raw
+
+
+def spec_without_processes(spec: ModelSpec) -> str:
+    """A spec's JSON without train.processes, as a training job's params: the number of
+    processes changes no result (tests/train/test_multiprocess_training.py), so changing it
+    retrains nothing; it reaches the job as a resource (``--processes``)."""
+    data = spec.to_dict()
+    data["train"] = {k: v for k, v in data["train"].items() if k != "processes"}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -2,22 +2,28 @@
 per setting x model x seed, its test metrics, the table beside the published figures, and the
 dispatch and projection figures, all under results/clusters/."""
 
+from smoe.families.clusters.workflow import ClusterRules
+
+clusters = ClusterRules(config, RESULTS)
+CLUSTERS_TITLE = family_title("clusters")
+FAMILY_RULES["clusters"] = clusters
+
 
 rule cluster_data:
     output:
-        directory(f"{CLUSTER_DIR}/data/{{setting}}/{{split}}.zarr"),
+        directory(f"{clusters.CLUSTER_DIR}/data/{{setting}}/{{split}}.zarr"),
     log:
         f"{RESULTS}/logs/clusters/data/{{setting}}_{{split}}.log",
     wildcard_constraints:
-        **CLUSTER_WILDCARDS,
+        **clusters.CLUSTER_WILDCARDS,
     conda:
         SMOE_ENV
     threads: 1
     resources:
-        mem_mb=cluster_data_mem_mb,
+        mem_mb=clusters.cluster_data_mem_mb,
         runtime=10,
     params:
-        args=cluster_data_args,
+        args=clusters.cluster_data_args,
     shell:
         "smoe cluster-data {params.args} --split {wildcards.split} --out {output} > {log} 2>&1"
 
@@ -26,29 +32,29 @@ rule cluster_train:
     """Every seed of one model on one setting, trained then evaluated in one job: a
     full-batch training takes seconds, about what starting PyTorch takes."""
     input:
-        train=f"{CLUSTER_DIR}/data/{{setting}}/train.zarr",
-        test=f"{CLUSTER_DIR}/data/{{setting}}/test.zarr",
+        train=f"{clusters.CLUSTER_DIR}/data/{{setting}}/train.zarr",
+        test=f"{clusters.CLUSTER_DIR}/data/{{setting}}/test.zarr",
     output:
-        best=cluster_seed_outputs("models", "best.pt"),
-        summary=cluster_seed_outputs("models", "train.json"),
-        history=cluster_seed_outputs("models", "history.csv"),
-        metrics=cluster_seed_outputs("metrics"),
+        best=clusters.cluster_seed_outputs("models", "best.pt"),
+        summary=clusters.cluster_seed_outputs("models", "train.json"),
+        history=clusters.cluster_seed_outputs("models", "history.csv"),
+        metrics=clusters.cluster_seed_outputs("metrics"),
     log:
         f"{RESULTS}/logs/clusters/train/{{setting}}_{{model}}.log",
     wildcard_constraints:
-        **CLUSTER_WILDCARDS,
+        **clusters.CLUSTER_WILDCARDS,
     conda:
         SMOE_ENV
-    threads: cluster_train_threads
+    threads: clusters.cluster_train_threads
     resources:
-        gpu=cluster_train_gpus,
-        mem_mb=cluster_train_mem_mb,
-        runtime=cluster_train_runtime,
+        gpu=clusters.cluster_train_gpus,
+        mem_mb=clusters.cluster_train_mem_mb,
+        runtime=clusters.cluster_train_runtime,
     params:
-        spec=cluster_spec_json,
-        models=cluster_model_dir,
-        metrics=cluster_metrics_dir,
-        seeds=" ".join(CLUSTER_SEEDS),
+        spec=clusters.cluster_spec_json,
+        models=clusters.cluster_model_dir,
+        metrics=clusters.cluster_metrics_dir,
+        seeds=" ".join(clusters.CLUSTER_SEEDS),
     shell:
         "smoe cluster-run --spec {params.spec:q} --train-store {input.train} "
         "--test-store {input.test} --seeds {params.seeds} --models-dir {params.models} "
@@ -57,17 +63,17 @@ rule cluster_train:
 
 rule cluster_aggregate:
     input:
-        metrics=cluster_metrics_targets(),
+        metrics=clusters.cluster_metrics_targets(),
         # the table reads each setting's test store to tell whether the published
         # figures apply (the paper's generator parameters)
-        stores=[cluster_store(setting, "test") for setting in CLUSTER_SETTINGS],
+        stores=[clusters.cluster_store(setting, "test") for setting in clusters.CLUSTER_SETTINGS],
     output:
-        csv=CLUSTER_TABLES["csv"],
-        markdown=CLUSTER_TABLES["markdown"],
+        csv=clusters.CLUSTER_TABLES["csv"],
+        markdown=clusters.CLUSTER_TABLES["markdown"],
         html=report(
-            CLUSTER_TABLES["html"],
+            clusters.CLUSTER_TABLES["html"],
             category=RESULTS_CATEGORY,
-            subcategory=CLUSTERS_FAMILY,
+            subcategory=CLUSTERS_TITLE,
             caption="../report/clusters_table.rst",
             labels={"shows": "test accuracy and dispatch entropy (table)"},
         ),
@@ -87,16 +93,16 @@ rule cluster_aggregate:
 
 rule cluster_figure_dispatch:
     input:
-        cluster_moe_metrics_targets(),
+        clusters.cluster_moe_metrics_targets(),
     output:
         png=report(
-            f"{CLUSTER_DIR}/figures/dispatch.png",
+            f"{clusters.CLUSTER_DIR}/figures/dispatch.png",
             category=DIAGNOSTICS_CATEGORY,
-            subcategory=CLUSTERS_FAMILY,
+            subcategory=CLUSTERS_TITLE,
             caption="../report/clusters_dispatch.rst",
             labels={"shows": "samples of each cluster per MoE expert"},
         ),
-        svg=f"{CLUSTER_DIR}/figures/dispatch.svg",
+        svg=f"{clusters.CLUSTER_DIR}/figures/dispatch.svg",
     log:
         f"{RESULTS}/logs/clusters/figure_dispatch.log",
     conda:
@@ -111,23 +117,23 @@ rule cluster_figure_dispatch:
 
 rule cluster_figure_projection:
     input:
-        f"{CLUSTER_DIR}/data/{{setting}}/train.zarr",
+        f"{clusters.CLUSTER_DIR}/data/{{setting}}/train.zarr",
     output:
         png=report(
-            f"{CLUSTER_DIR}/figures/projection_{{setting}}.png",
+            f"{clusters.CLUSTER_DIR}/figures/projection_{{setting}}.png",
             category=DATA_CATEGORY,
-            subcategory=CLUSTERS_FAMILY,
+            subcategory=CLUSTERS_TITLE,
             caption="../report/clusters_projection.rst",
             labels={
                 "shows": "train samples projected on the generating vectors",
                 "setting": "{setting}",
             },
         ),
-        svg=f"{CLUSTER_DIR}/figures/projection_{{setting}}.svg",
+        svg=f"{clusters.CLUSTER_DIR}/figures/projection_{{setting}}.svg",
     log:
         f"{RESULTS}/logs/clusters/figure_projection_{{setting}}.log",
     wildcard_constraints:
-        **CLUSTER_WILDCARDS,
+        **clusters.CLUSTER_WILDCARDS,
     conda:
         SMOE_ENV
     threads: 1
@@ -144,9 +150,9 @@ rule cluster_figure_projection:
 
 rule clusters_table:
     input:
-        cluster_table_inputs(),
+        clusters.cluster_table_inputs(),
 
 
 rule clusters:
     input:
-        cluster_targets(),
+        clusters.cluster_targets(),

@@ -3,16 +3,22 @@ train / val / test stores, a model per config entry (every seed in one job), its
 metrics, the table beside the published MNIST figures, and the routing and accuracy-usage
 figures, all under results/gated/."""
 
+from smoe.families.gated.workflow import GatedRules
+
+gated = GatedRules(config, RESULTS)
+GATED_TITLE = family_title("gated")
+FAMILY_RULES["gated"] = gated
+
 
 rule gated_data:
     input:
-        gated_source_inputs,
+        gated.gated_source_inputs,
     output:
-        directory(f"{GATED_DIR}/data/{{split}}.zarr"),
+        directory(f"{gated.GATED_DIR}/data/{{split}}.zarr"),
     log:
         f"{RESULTS}/logs/gated/data/{{split}}.log",
     wildcard_constraints:
-        split=GATED_WILDCARDS["split"],
+        split=gated.GATED_WILDCARDS["split"],
     conda:
         SMOE_ENV
     threads: 1
@@ -20,7 +26,7 @@ rule gated_data:
         mem_mb=4000,
         runtime=10,
     params:
-        args=gated_data_args,
+        args=gated.gated_data_args,
     shell:
         "smoe gated-data {params.args} --split {wildcards.split} --out {output} > {log} 2>&1"
 
@@ -30,33 +36,33 @@ rule gated_train:
     seconds, about what starting PyTorch takes. A distilled model waits for its teacher.
     """
     input:
-        train=gated_store("train"),
-        val=gated_store("val"),
-        test=gated_store("test"),
-        builds_on=gated_dependency_inputs,
+        train=gated.gated_store("train"),
+        val=gated.gated_store("val"),
+        test=gated.gated_store("test"),
+        builds_on=gated.gated_dependency_inputs,
     output:
-        best=gated_seed_outputs("models", "best.pt"),
-        summary=gated_seed_outputs("models", "train.json"),
-        history=gated_seed_outputs("models", "history.csv"),
-        metrics=gated_seed_outputs("metrics"),
+        best=gated.gated_seed_outputs("models", "best.pt"),
+        summary=gated.gated_seed_outputs("models", "train.json"),
+        history=gated.gated_seed_outputs("models", "history.csv"),
+        metrics=gated.gated_seed_outputs("metrics"),
     log:
         f"{RESULTS}/logs/gated/train/{{model}}.log",
     wildcard_constraints:
-        model=GATED_WILDCARDS["model"],
+        model=gated.GATED_WILDCARDS["model"],
     conda:
         SMOE_ENV
-    threads: gated_train_threads
+    threads: gated.gated_train_threads
     resources:
-        gpu=gated_train_gpus,
-        mem_mb=gated_train_mem_mb,
-        runtime=gated_train_runtime,
-        processes=gated_train_processes,
+        gpu=gated.gated_train_gpus,
+        mem_mb=gated.gated_train_mem_mb,
+        runtime=gated.gated_train_runtime,
+        processes=gated.gated_train_processes,
     params:
-        spec=gated_spec_json,
-        models=gated_model_dir,
-        metrics=gated_metrics_dir,
-        builds_on=gated_dependency_args,
-        seeds=" ".join(GATED_SEEDS),
+        spec=gated.gated_spec_json,
+        models=gated.gated_model_dir,
+        metrics=gated.gated_metrics_dir,
+        builds_on=gated.gated_dependency_args,
+        seeds=" ".join(gated.GATED_SEEDS),
     shell:
         "smoe gated-run --spec {params.spec:q} --train-store {input.train} "
         "--val-store {input.val} --test-store {input.test} --seeds {params.seeds} "
@@ -66,14 +72,14 @@ rule gated_train:
 
 rule gated_aggregate:
     input:
-        gated_metrics_targets(),
+        gated.gated_metrics_targets(),
     output:
-        csv=GATED_TABLES["csv"],
-        markdown=GATED_TABLES["markdown"],
+        csv=gated.GATED_TABLES["csv"],
+        markdown=gated.GATED_TABLES["markdown"],
         html=report(
-            GATED_TABLES["html"],
+            gated.GATED_TABLES["html"],
             category=RESULTS_CATEGORY,
-            subcategory=GATED_FAMILY,
+            subcategory=GATED_TITLE,
             caption="../report/gated_table.rst",
             labels={"shows": "test accuracy and specialisation (table)"},
         ),
@@ -93,16 +99,16 @@ rule gated_aggregate:
 
 rule gated_figure_routing:
     input:
-        gated_moe_metrics_targets(),
+        gated.gated_moe_metrics_targets(),
     output:
         png=report(
-            f"{GATED_DIR}/figures/routing.png",
+            f"{gated.GATED_DIR}/figures/routing.png",
             category=DIAGNOSTICS_CATEGORY,
-            subcategory=GATED_FAMILY,
+            subcategory=GATED_TITLE,
             caption="../report/gated_routing.rst",
             labels={"shows": "test samples of each class per expert"},
         ),
-        svg=f"{GATED_DIR}/figures/routing.svg",
+        svg=f"{gated.GATED_DIR}/figures/routing.svg",
     log:
         f"{RESULTS}/logs/gated/figure_routing.log",
     conda:
@@ -117,16 +123,16 @@ rule gated_figure_routing:
 
 rule gated_figure_accuracy_usage:
     input:
-        gated_metrics_targets(),
+        gated.gated_metrics_targets(),
     output:
         png=report(
-            f"{GATED_DIR}/figures/accuracy_usage.png",
+            f"{gated.GATED_DIR}/figures/accuracy_usage.png",
             category=RESULTS_CATEGORY,
-            subcategory=GATED_FAMILY,
+            subcategory=GATED_TITLE,
             caption="../report/gated_accuracy_usage.rst",
             labels={"shows": "test accuracy against expert usage entropy"},
         ),
-        svg=f"{GATED_DIR}/figures/accuracy_usage.svg",
+        svg=f"{gated.GATED_DIR}/figures/accuracy_usage.svg",
     log:
         f"{RESULTS}/logs/gated/figure_accuracy_usage.log",
     conda:
@@ -145,9 +151,9 @@ rule gated_figure_accuracy_usage:
 
 rule gated_table:
     input:
-        gated_table_inputs(),
+        gated.gated_table_inputs(),
 
 
 rule gated:
     input:
-        gated_targets(),
+        gated.gated_targets(),

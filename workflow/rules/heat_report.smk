@@ -1,15 +1,14 @@
-"""Report stage: tables of every evaluation, figures, and the marks for `snakemake --report`."""
-
+"""The heat family's tables and figures, each marked for `snakemake --report`."""
 
 rule aggregate:
     input:
-        metrics_targets(),
+        heat.metrics_targets(),
     output:
         summary=f"{RESULTS}/tables/summary.csv",
         html=report(
             f"{RESULTS}/tables/summary.html",
             category=RESULTS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/summary.rst",
             labels={"shows": "test metrics of every model (tables)"},
         ),
@@ -31,13 +30,13 @@ rule aggregate:
 
 rule figure_routing:
     input:
-        metrics=smoe_metrics_targets(),
-        mask=mask_file(),
+        metrics=heat.smoe_metrics_targets(),
+        mask=heat.mask_file(),
     output:
         png=report(
             f"{RESULTS}/figures/routing.png",
             category=RESULTS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/routing.rst",
             labels={"shows": "routing maps: learned beside true"},
         ),
@@ -57,12 +56,12 @@ rule figure_routing:
 
 rule figure_kernels:
     input:
-        kernel_metrics_targets(),
+        heat.kernel_metrics_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/kernels.png",
             category=RESULTS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/kernels.rst",
             labels={"shows": "learned kernels beside the true stencils"},
         ),
@@ -81,12 +80,12 @@ rule figure_kernels:
 
 rule figure_predictions:
     input:
-        first_seed_predictions(),
+        heat.first_seed_predictions(),
     output:
         png=report(
             f"{RESULTS}/figures/predictions.png",
             category=RESULTS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/predictions.rst",
             labels={"shows": "one test sample, every model"},
         ),
@@ -105,12 +104,12 @@ rule figure_predictions:
 
 rule figure_curves:
     input:
-        history_targets(),
+        heat.history_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/learning_curves.png",
             category=DIAGNOSTICS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/curves.rst",
             labels={"shows": "learning curves of every model"},
         ),
@@ -129,12 +128,12 @@ rule figure_curves:
 
 rule figure_bars:
     input:
-        metrics_targets(),
+        heat.metrics_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/metric_bars.png",
             category=RESULTS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/bars.rst",
             labels={"shows": "test metrics of every model (chart)"},
         ),
@@ -153,12 +152,12 @@ rule figure_bars:
 
 rule figure_dynamics:
     input:
-        smoe_history_targets(),
+        heat.smoe_history_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/smoe_dynamics.png",
             category=DIAGNOSTICS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/dynamics.rst",
             labels={"shows": "SMoE routing per epoch"},
         ),
@@ -177,12 +176,12 @@ rule figure_dynamics:
 
 rule figure_experts:
     input:
-        smoe_metrics_targets(),
+        heat.smoe_metrics_targets(),
     output:
         png=report(
             f"{RESULTS}/figures/expert_regions.png",
             category=DIAGNOSTICS_CATEGORY,
-            subcategory=FAMILY,
+            subcategory=HEAT_TITLE,
             caption="../report/experts.rst",
             labels={"shows": "SMoE expert x region counts"},
         ),
@@ -197,29 +196,3 @@ rule figure_experts:
         runtime=10,
     shell:
         "smoe figure experts --metrics {input} --out {output.png} > {log} 2>&1"
-
-
-rule provenance:
-    input:
-        provenance_inputs(),
-    output:
-        html=report(
-            f"{RESULTS}/report/provenance.html",
-            category=PROVENANCE_CATEGORY,
-            caption="../report/provenance.rst",
-            labels={"shows": "resolved config and software versions"},
-        ),
-        config=f"{RESULTS}/report/config.yaml",
-        versions=f"{RESULTS}/report/versions.json",
-    log:
-        f"{RESULTS}/logs/report/provenance.log",
-    conda:
-        SMOE_ENV
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    params:
-        config=resolved_config_json(),
-    shell:
-        "smoe provenance --config-json {params.config:q} --out {output.html} > {log} 2>&1"
