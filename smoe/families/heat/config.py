@@ -235,14 +235,17 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     sections = _sections(schema)
     types, steps = config["mask"]["types"], config["heat"]["steps"]
     lines = []
-    other_family = any(config[family]["enabled"] for family in ("clusters", "gated"))
+    other_family = any(  # another family's section, switched on
+        isinstance(section, dict) and section.get("enabled") is True
+        for section in config.values()
+    )
     if not models and not other_family:
         lines.append(
             "config key 'models': no models are defined; a config needs at least one (an "
             "empty or comment-only config is refused rather than planning the default "
             "paper-size simulation with nothing to train), e.g. models: {persistence: "
-            "{kind: persistence}}; with clusters.enabled or gated.enabled, models: {} runs "
-            "that family alone"
+            "{kind: persistence}}; with another family enabled (e.g. clusters.enabled: "
+            "true), models: {} runs that family alone"
         )
     for name, model in models.items():
 
