@@ -42,13 +42,13 @@ TOY_FILES = {
               enabled: {type: boolean, default: false}
               lines: {type: integer, minimum: 1, default: 3}
     """,
-    "smoe/families/toy/config.py": '''
+    "smoe/families/toy/config.py": """
         def config_errors(config, schema):
             if config["toy"]["enabled"] and config["toy"]["lines"] > 100:
                 return ["config key 'toy.lines': at most 100 lines"]
             return []
-    ''',
-    "smoe/families/toy/cli.py": '''
+    """,
+    "smoe/families/toy/cli.py": """
         from pathlib import Path
 
 
@@ -65,8 +65,8 @@ TOY_FILES = {
 
         def paths(args):
             return ([], [(args.out, "file")]) if args.command == "toy-data" else None
-    ''',
-    "smoe/families/toy/workflow.py": '''
+    """,
+    "smoe/families/toy/workflow.py": """
         class ToyRules:
             def __init__(self, config, results):
                 self.config, self.results = config, results
@@ -76,7 +76,7 @@ TOY_FILES = {
 
             def tables(self):
                 return []
-    ''',
+    """,
     "workflow/rules/toy.smk": """
         from smoe.families.toy.workflow import ToyRules
 

@@ -156,17 +156,15 @@ def add_spec_arguments(p: argparse.ArgumentParser, section: str) -> None:
 def spec_from_arguments(
     args: argparse.Namespace,
     section: str,
-    from_config: Callable[[dict[str, Any], str], Any],
+    from_config: Callable[[Path, str], Any],
     from_json: Callable[[Any], Any],
 ) -> Any:
-    """The model spec of ``--config``/``--model`` (``from_config(config, name)`` on the
-    validated config) or of ``--spec`` (``from_json(parsed JSON)``, which checks it)."""
+    """The model spec of ``--config``/``--model`` (``from_config(path, name)``, which loads
+    and validates the config) or of ``--spec`` (``from_json(parsed JSON)``, which checks it)."""
     if args.config is not None:
         if not args.model:
             raise InputError(f"--config needs --model NAME (a name under '{section}')")
-        from smoe.config import load_config
-
-        return from_config(load_config(args.config), args.model)
+        return from_config(args.config, args.model)
     if args.model:
         raise InputError("--model goes with --config, not with --spec")
     try:

@@ -16,6 +16,8 @@ from matplotlib.text import Text
 from smoe.core.errors import InputError
 from smoe.core.report import figures as S
 from smoe.families.heat import figures as F
+from smoe.families.heat import kernel_figure as K
+from smoe.families.heat import prediction_figure as P
 from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.metrics import ATOL
 
@@ -316,7 +318,7 @@ def open_all(files):
 def test_every_model_shows_the_same_sample(prediction_files):
     u = truth()
     datasets = open_all(prediction_files)
-    samples = F.select_samples(datasets, run=1)
+    samples = P.select_samples(datasets, run=1)
     assert [s.model for s in samples] == ["cnn", "smoe"]
     assert {(s.run, s.time) for s in samples} == {(1, 4)}  # middle of the shared steps 2..6
     for sample, ds in zip(samples, datasets, strict=True):
@@ -329,17 +331,17 @@ def test_sample_input_comes_from_any_file_and_steps_must_be_shared(prediction_fi
     u = truth()
     cnn, smoe = open_all(prediction_files)
     # step 2's input (step 1) is only in the cnn file
-    samples = F.select_samples([smoe, cnn], run=0, time=2)
+    samples = P.select_samples([smoe, cnn], run=0, time=2)
     np.testing.assert_array_equal(samples[0].input, u[0, 1])
-    assert F.select_samples([smoe], run=0, time=2)[0].input is None
+    assert P.select_samples([smoe], run=0, time=2)[0].input is None
     with pytest.raises(ValueError, match="smoe.*time step 1"):
-        F.select_samples([cnn, smoe], run=0, time=1)
+        P.select_samples([cnn, smoe], run=0, time=1)
     with pytest.raises(ValueError, match="run 5"):
-        F.select_samples([cnn], run=5)
+        P.select_samples([cnn], run=5)
 
 
 def test_sample_close_matches_the_metric_definition(prediction_files):
-    (sample,) = F.select_samples(open_all(prediction_files[:1]), run=0, time=3)
+    (sample,) = P.select_samples(open_all(prediction_files[:1]), run=0, time=3)
     d, y = sample.prediction - sample.target, sample.target
     expected = 100 * np.mean(np.abs(d) <= ATOL + 0.01 * np.abs(y))
     assert sample.close == pytest.approx(expected)
@@ -347,19 +349,19 @@ def test_sample_close_matches_the_metric_definition(prediction_files):
 
 
 def test_error_limit_is_shared_and_symmetric(prediction_files):
-    samples = F.select_samples(open_all(prediction_files), run=0)
+    samples = P.select_samples(open_all(prediction_files), run=0)
     pooled = np.concatenate([np.abs(s.error).ravel() for s in samples])
-    assert F.error_limit(samples) == pytest.approx(np.percentile(pooled, 99))
+    assert P.error_limit(samples) == pytest.approx(np.percentile(pooled, 99))
 
 
 def test_predictions_figure(tmp_path, prediction_files, drawn):
-    paths = F.predictions_figure(prediction_files, tmp_path / "out" / "predictions.svg", run=1)
+    paths = P.predictions_figure(prediction_files, tmp_path / "out" / "predictions.svg", run=1)
     assert_figure(paths, tmp_path)
     (figure,) = drawn
-    samples = F.select_samples(open_all(prediction_files), run=1)
+    samples = P.select_samples(open_all(prediction_files), run=1)
     # models are columns: each prediction says its frame-level number is of this sample
     labels = [ax.xlabel for ax in figure.axes if ax.xlabel.startswith("this sample")]
-    assert labels == [F.sample_label(s) for s in samples]
+    assert labels == [P.sample_label(s) for s in samples]
     assert all(
         f"{s.close:.1f} % within 1 %" in label for s, label in zip(samples, labels, strict=True)
     )
@@ -369,7 +371,7 @@ def test_predictions_figure(tmp_path, prediction_files, drawn):
 
 @pytest.mark.parametrize("models", range(1, 21))
 def test_prediction_layout_stays_in_the_viewer(models):
-    layout = F.prediction_layout(models)
+    layout = P.prediction_layout(models)
     width, height = layout.size
     assert height <= S.MAX_RATIO * width + 1e-9 and height <= S.MAX_HEIGHT + 1e-9
     assert width <= S.MAX_WIDTH + 1e-9
@@ -381,7 +383,7 @@ def test_prediction_layout_stays_in_the_viewer(models):
 
 def test_sample_label_never_rounds_to_a_whole_hundred():
     def label(close):
-        return F.sample_label(SimpleNamespace(close=close))
+        return P.sample_label(SimpleNamespace(close=close))
 
     assert label(95.94) == "this sample:\n95.9 % within 1 %"
     assert label(99.97) == "this sample:\n> 99.9 % within 1 %"
@@ -516,7 +518,7 @@ def test_metric_scales_and_region_type_labels(tmp_path, drawn):
 
 def test_each_expert_is_paired_with_its_matched_stencil():
     result = smoe_result(0, experts=3, noise=1e-3)
-    pairs = F.kernel_pairs(result["routing"])
+    pairs = K.kernel_pairs(result["routing"])
     assert [(p.expert, p.region) for p in pairs] == [(0, 2), (1, 0), (2, 1)]
     for pair in pairs:
         np.testing.assert_array_equal(pair.stencil, STENCILS[EXPERT_TO_TYPE[str(pair.expert)]])
@@ -528,7 +530,7 @@ def test_unmatched_expert_has_no_stencil():
     result = smoe_result(0)
     routing = result["routing"]
     routing["kernels"].append(np.eye(3).tolist())  # a fourth expert, left unmatched
-    last = F.kernel_pairs(routing)[-1]
+    last = K.kernel_pairs(routing)[-1]
     assert (last.expert, last.region, last.stencil) == (3, None, None)
     assert math.isnan(last.error)
 
@@ -536,7 +538,7 @@ def test_unmatched_expert_has_no_stencil():
 def test_kernel_table_aligns_experts_under_their_types():
     spare = smoe_result(1)
     spare["routing"]["kernels"].append(np.eye(3).tolist())  # a fourth expert, unmatched
-    table = F.kernel_table([smoe_result(0), spare])
+    table = K.kernel_table([smoe_result(0), spare])
     assert table.column_labels == ["type 0", "type 1", "type 2", "unmatched"]
     assert table.row_labels[0] == "true stencil"
     assert table.row_labels[1].startswith("smoe seed 0\nmax |err|")
@@ -552,12 +554,12 @@ def test_kernel_table_aligns_experts_under_their_types():
     other = smoe_result(2)
     other["routing"]["stencils"] = (2 * STENCILS).tolist()
     with pytest.raises(InputError, match="different true stencils"):
-        F.kernel_table([smoe_result(0), other])
+        K.kernel_table([smoe_result(0), other])
 
 
 def test_kernels_figure(tmp_path, drawn):
     runs = [smoe_result(0), baseline_result(), smoe_result(1)]
-    assert_figure(F.kernels_figure(runs, tmp_path / "kernels"), tmp_path)
+    assert_figure(K.kernels_figure(runs, tmp_path / "kernels"), tmp_path)
     (figure,) = drawn
     assert len(figure.axes) == 3 * 3  # true stencils and two runs, three types
 
@@ -570,11 +572,11 @@ def test_figures_without_anything_to_draw_are_errors_not_placeholders(tmp_path):
     with pytest.raises(InputError, match=r"routing figure: none of the results cnn seed 0, lcn"):
         F.routing_figure(MASK, baselines, tmp_path / "routing")
     with pytest.raises(InputError, match=r"none of the metrics files 'a.json', 'b.json'"):
-        F.kernels_figure(baselines, tmp_path / "kernels", sources=["a.json", "b.json"])
+        K.kernels_figure(baselines, tmp_path / "kernels", sources=["a.json", "b.json"])
     no_kernels = smoe_result(0)
     del no_kernels["routing"]["kernels"]  # an SMoE whose experts are not 3x3
     with pytest.raises(InputError, match="3x3"):
-        F.kernels_figure([no_kernels], tmp_path / "kernels")
+        K.kernels_figure([no_kernels], tmp_path / "kernels")
     with pytest.raises(InputError, match="no history files"):
         F.learning_curves_figure({}, tmp_path / "curves")
     with pytest.raises(InputError, match=r"metric bars: none of the metrics files 'a.json' has"):
@@ -685,8 +687,8 @@ def draw_all(folder, models, seeds):
     histories = F.load_histories(realistic_histories(folder, models, seeds))
     return {
         "routing": F.routing_figure(PAPER_MASK, smoe, folder / "routing"),
-        "kernels": F.kernels_figure(smoe, folder / "kernels"),
-        "predictions": F.predictions_figure(
+        "kernels": K.kernels_figure(smoe, folder / "kernels"),
+        "predictions": P.predictions_figure(
             realistic_predictions(folder, models), folder / "predictions.png"
         ),
         "curves": F.learning_curves_figure(histories, folder / "learning_curves"),

@@ -8,13 +8,10 @@ import math
 import pytest
 
 from smoe.core.errors import InputError
+from smoe.families.gated.orderings import FAILS, HOLDS, UNCHECKED, gated_orderings
 from smoe.families.gated.table import (
     CSV_COLUMNS,
-    FAILS,
-    HOLDS,
     REFERENCES,
-    UNCHECKED,
-    gated_orderings,
     load_gated_references,
     write_gated_table,
 )

@@ -46,9 +46,8 @@ def _spec_from_json(raw):
 
 def _spec(args: argparse.Namespace):
     """The model spec of ``--config``/``--model`` or ``--spec``, checked before any work."""
-    from smoe.families.gated.config import gated_model_spec
 
-    return spec_from_arguments(args, "gated.models", gated_model_spec, _spec_from_json)
+    return spec_from_arguments(args, "gated.models", _spec_of_config, _spec_from_json)
 
 
 def _open_stores(**stores: Path) -> None:
@@ -330,3 +329,12 @@ FIGURES = {
 }
 """``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
 what it shows)."""
+
+
+def _spec_of_config(path: Path, name: str):
+    """Model ``name`` of the config file ``path``, validated as a whole (every family's
+    part): the workflow's own check of it."""
+    from smoe.config import load_config
+    from smoe.families.gated.config import gated_model_spec
+
+    return gated_model_spec(load_config(path), name)

@@ -235,13 +235,13 @@ def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
 def _run_train(args: argparse.Namespace) -> None:
 
     from smoe.core.train.distributed import is_main
-    from smoe.families.heat.config import model_spec, validate_spec
+    from smoe.families.heat.config import validate_spec
     from smoe.families.heat.task import train
 
     spec = spec_from_arguments(
         args,
         "models",
-        model_spec,
+        _spec_of_config,
         # the workflow's checks of a model, keys named; the store gives types and steps
         lambda raw: validate_spec(raw, args.train_store),
     )
@@ -420,9 +420,9 @@ def _draw_routing(args: argparse.Namespace):
 
 
 def _draw_predictions(args: argparse.Namespace):
-    from smoe.families.heat import figures
+    from smoe.families.heat.prediction_figure import predictions_figure
 
-    return figures.predictions_figure(args.predictions, args.out, args.sample_run, args.time)
+    return predictions_figure(args.predictions, args.out, args.sample_run, args.time)
 
 
 def _draw_curves(args: argparse.Namespace):
@@ -440,9 +440,10 @@ def _draw_bars(args: argparse.Namespace):
 
 
 def _draw_kernels(args: argparse.Namespace):
-    from smoe.families.heat import figures
+    from smoe.families.heat.figures import load_metrics
+    from smoe.families.heat.kernel_figure import kernels_figure
 
-    return figures.kernels_figure(figures.load_metrics(args.metrics), args.out, args.metrics)
+    return kernels_figure(load_metrics(args.metrics), args.out, args.metrics)
 
 
 def _draw_dynamics(args: argparse.Namespace):
@@ -478,3 +479,12 @@ FIGURES = {
 }
 """``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
 what it shows)."""
+
+
+def _spec_of_config(path: Path, name: str):
+    """Model ``name`` of the config file ``path``, validated as a whole (every family's
+    part): the workflow's own check of it."""
+    from smoe.config import load_config
+    from smoe.families.heat.config import model_spec
+
+    return model_spec(load_config(path), name)

@@ -236,8 +236,7 @@ def check_models(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     types, steps = config["mask"]["types"], config["heat"]["steps"]
     lines = []
     other_family = any(  # another family's section, switched on
-        isinstance(section, dict) and section.get("enabled") is True
-        for section in config.values()
+        isinstance(section, dict) and section.get("enabled") is True for section in config.values()
     )
     if not models and not other_family:
         lines.append(
