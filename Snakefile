@@ -35,6 +35,8 @@ for _family_name in FAMILY_NAMES:
     include: f"workflow/rules/{_family_name}.smk"
 
 
+include: "workflow/rules/provenance.smk"
+
 
 rule all:
     default_target: True

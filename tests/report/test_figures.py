@@ -173,7 +173,8 @@ def drawn(monkeypatch):
         figures.append(snapshot(fig))
         return save(fig, out)
 
-    monkeypatch.setattr(F, "save_figure", checked)
+    for module in (F, P, K):  # every heat figure module saves through the core's save_figure
+        monkeypatch.setattr(module, "save_figure", checked)
     return figures
 
 

@@ -266,6 +266,10 @@ def test_chunked_evaluation_gives_the_metrics_and_routing_of_whole_batches(
         monkeypatch.setattr(evaluate, "FORWARD_CHUNK", chunk)
         results.append(evaluate_checkpoint(folder / "best.pt", stores["val"], device="cpu"))
     whole, chunked = results
-    assert chunked["metrics"] == whole["metrics"]
+    # oneDNN's convolution picks another kernel for batches of 64 and more on some CPUs
+    # (AVX-512: outputs 1 ulp apart); the workflow always evaluates the same way, so a
+    # metric is reproducible, and chunking moves it by float32 rounding at most
+    for name, value in whole["metrics"].items():
+        assert chunked["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
     assert chunked["routing"] == whole["routing"]
     assert whole["routing"]["agreement"] > 0

@@ -66,7 +66,10 @@ rule cluster_aggregate:
         metrics=clusters.cluster_metrics_targets(),
         # the table reads each setting's test store to tell whether the published
         # figures apply (the paper's generator parameters)
-        stores=[clusters.cluster_store(setting, "test") for setting in clusters.CLUSTER_SETTINGS],
+        stores=[
+            clusters.cluster_store(setting, "test")
+            for setting in clusters.CLUSTER_SETTINGS
+        ],
     output:
         csv=clusters.CLUSTER_TABLES["csv"],
         markdown=clusters.CLUSTER_TABLES["markdown"],

@@ -15,7 +15,6 @@ from smoe.core.errors import InputError
 from smoe.core.workflow import gpu_check, planned_executor
 from smoe.families import NAMES as FAMILY_NAMES, family
 
-
 # A refused config ends the run here, before any job is planned, with one message per bad
 # key and no traceback: exiting is what keeps Snakemake from printing one.
 try:
@@ -85,29 +84,3 @@ def resolved_config_json():
 def output_folder(wildcards, output):
     """The folder of a rule's first output, for commands that take an output folder."""
     return os.path.dirname(output[0])
-
-
-rule provenance:
-    input:
-        provenance_inputs,
-    output:
-        html=report(
-            f"{RESULTS}/report/provenance.html",
-            category=PROVENANCE_CATEGORY,
-            caption="../report/provenance.rst",
-            labels={"shows": "resolved config and software versions"},
-        ),
-        config=f"{RESULTS}/report/config.yaml",
-        versions=f"{RESULTS}/report/versions.json",
-    log:
-        f"{RESULTS}/logs/report/provenance.log",
-    conda:
-        SMOE_ENV
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    params:
-        config=resolved_config_json(),
-    shell:
-        "smoe provenance --config-json {params.config:q} --out {output.html} > {log} 2>&1"

@@ -83,7 +83,6 @@ rule export_netcdf:
         "smoe export {input} {output} --workers {threads} > {log} 2>&1"
 
 
-
 rule train:
     input:
         train=heat.store_file("train"),

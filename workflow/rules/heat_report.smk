@@ -1,5 +1,6 @@
 """The heat family's tables and figures, each marked for `snakemake --report`."""
 
+
 rule aggregate:
     input:
         heat.metrics_targets(),

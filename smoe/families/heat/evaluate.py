@@ -127,8 +127,10 @@ SPLIT_EXACT_MODULES = frozenset(
         "GeneratorPredictor",
     }
 )
-"""Layers whose output for a sample is bit for bit the same whatever batch it is computed
-in (evaluation mode: batch norm uses its running statistics). Matrix products (linear
+"""Layers whose output for a sample does not depend on the rest of its batch (evaluation
+mode: batch norm uses its running statistics). On some CPUs (AVX-512) oneDNN's convolution
+takes another kernel from a batch of 64 on, whose outputs differ in the last bit; every
+evaluation chunks the same way, so a metric is reproducible on a machine. Matrix products (linear
 layers, locally connected layers, CondConv's routing) are not listed: their blocking, and so
 their rounding, can change with the batch size. tests/train/test_evaluate.py checks every
 listed model kind."""
