@@ -633,7 +633,7 @@ def test_a_workflow_spec_passes_and_fills_nothing_new():
 
 import json  # noqa: E402
 
-from smoe.families.clusters.config import (
+from smoe.families.clusters.config import (  # noqa: E402
     cluster_model_spec,
     cluster_models_to_run,
     cluster_setting,

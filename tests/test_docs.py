@@ -119,7 +119,8 @@ def test_every_benchmark_shown_takes_its_options(repo, commands):
     scripts = {parts[1]: set() for parts in shown if parts[1].startswith("benchmarks/")}
     for parts in shown:
         if parts[1] in scripts:
-            scripts[parts[1]] |= {w.strip("[]") for w in parts[2:] if w.strip("[]").startswith("--")}
+            flags = (word.strip("[]") for word in parts[2:])
+            scripts[parts[1]] |= {flag for flag in flags if flag.startswith("--")}
     assert scripts
     for script, options in scripts.items():
         assert (repo / script).is_file(), script

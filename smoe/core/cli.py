@@ -174,6 +174,44 @@ def spec_from_arguments(
     return from_json(raw)
 
 
+def add_stores(p: argparse.ArgumentParser, *splits: str) -> None:
+    """``--<split>-store PATH`` for each split a command reads (a zarr store)."""
+    for split in splits:
+        p.add_argument(f"--{split}-store", type=Path, required=True, help=f"{split} split (.zarr)")
+
+
+def add_training_arguments(p: argparse.ArgumentParser, seed: Callable[[str], int]) -> None:
+    """What every one-model, one-seed training command takes besides its model and stores:
+    ``--seed``, ``--out`` (the run's folder) and ``--no-progress``."""
+    p.add_argument("--seed", type=seed, required=True, help="training seed (0 to 2**32-1)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for best.pt, last.pt, history.csv, ..."
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_evaluation_arguments(p: argparse.ArgumentParser, trained_by: str) -> None:
+    """What every evaluation command takes: ``--checkpoint`` (a ``best.pt`` of
+    ``trained_by``), ``--store`` (the test split) and ``--out`` (the metrics JSON)."""
+    p.add_argument("--checkpoint", type=Path, required=True, help=f"best.pt of {trained_by}")
+    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+
+
+def training_summary(name: str, seed: int, summary: dict[str, Any]) -> str:
+    """One line saying how a training ended, from its ``train.json`` summary."""
+    return (
+        f"trained {name} (seed {seed}): {summary['epochs']} epochs, kept epoch "
+        f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
+        f"({summary['stop_reason']})"
+    )
+
+
+def store_written(out: Path, replacing: bool, what: str) -> str:
+    """One line saying a store was written (or replaced) and what it holds."""
+    return f"{'replaced existing store' if replacing else 'wrote'} {out}: {what}"
+
+
 def add_seed_runs_arguments(p: argparse.ArgumentParser, seed: Callable[[str], int]) -> None:
     """The options of a command that trains and evaluates one model for several seeds in one
     process (a workflow job per model): ``--seeds``, ``--models-dir``, ``--metrics-dir`` and

@@ -272,8 +272,8 @@ def test_other_compressions_give_the_reference_writers_files(tmp_path, compressi
 
 @pytest.mark.parametrize("case", range(8))
 def test_compiled_loop_gives_the_numpy_kernels_bits(case, monkeypatch):
-    """Without re-injected heat or clipping the update runs as smoe.families.heat.heat_loop's compiled
-    loop; switched off, the numpy kernel must give the same float64 bits."""
+    """Without re-injected heat or clipping the update runs as smoe.families.heat.heat_loop's
+    compiled loop; switched off, the numpy kernel must give the same float64 bits."""
     from smoe.families.heat import heat_loop
 
     assert heat_loop.available(), "numba is a dependency: the compiled loop must run"

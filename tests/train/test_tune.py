@@ -1,4 +1,5 @@
-"""Learning-rate selection on validation: smoe tune-lr and smoe.families.heat.tune on tiny stores."""
+"""Learning-rate selection on validation: smoe tune-lr and smoe.families.heat.tune on tiny
+stores."""
 
 import csv
 import json

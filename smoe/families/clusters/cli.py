@@ -11,13 +11,18 @@ from pathlib import Path
 
 from smoe.core.cli import (
     Seeds,
+    add_evaluation_arguments,
     add_seed_runs_arguments,
     add_spec_arguments,
+    add_stores,
     add_table_command,
+    add_training_arguments,
     check_seeds,
     seed_runs_outputs,
     spec_from_arguments,
+    store_written,
     table_outputs,
+    training_summary,
 )
 from smoe.core.errors import InputError
 
@@ -100,11 +105,11 @@ def _run_cluster_data(args: argparse.Namespace) -> None:
     except InputError as exc:  # "--set.dim: ..." -> "--set dim: ..."
         raise InputError(re.sub(r"^--set\.", "--set ", str(exc))) from None
     out = write_cluster_split(setting, args.seed, args.split, args.out, args.overwrite)
-    print(
-        f"{'replaced existing store' if replacing else 'wrote'} {out}: setting {setting.name}, "
-        f"{setting.samples(args.split)} {args.split} samples x {setting.patches} patches x "
-        f"{setting.dim} dims, seed {args.seed}"
+    held = (
+        f"setting {setting.name}, {setting.samples(args.split)} {args.split} samples x "
+        f"{setting.patches} patches x {setting.dim} dims, seed {args.seed}"
     )
+    print(store_written(out, replacing, held))
 
 
 def _add_cluster_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
@@ -117,15 +122,8 @@ def _add_cluster_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "resolved spec (--spec, as the workflow passes it).",
     )
     add_spec_arguments(p, "clusters.models")
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--seed", type=seeds.train, required=True, help="training seed (0 to 2**32-1)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="folder for best.pt, last.pt, history.csv, train.json",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_stores(p, "train")
+    add_training_arguments(p, seeds.train)
     p.set_defaults(run=_run_cluster_train)
 
 
@@ -145,11 +143,7 @@ def _run_cluster_train(args: argparse.Namespace) -> None:
     from smoe.families.clusters.task import train_cluster
 
     summary = train_cluster(spec, args.train_store, args.seed, args.out, args.progress)
-    print(
-        f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
-        f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
-        f"({summary['stop_reason']}); wrote {args.out}"
-    )
+    print(f"{training_summary(spec.name, args.seed, summary)}; wrote {args.out}")
 
 
 def _add_cluster_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
@@ -162,8 +156,7 @@ def _add_cluster_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "as the training).",
     )
     add_spec_arguments(p, "clusters.models")
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--test-store", type=Path, required=True, help="test split (.zarr)")
+    add_stores(p, "train", "test")
     add_seed_runs_arguments(p, seeds.train)
     p.set_defaults(run=_run_cluster_run)
 
@@ -202,12 +195,10 @@ def _add_cluster_evaluate(sub: argparse._SubParsersAction) -> None:
         "an MoE, the dispatch of samples to experts per cluster and its entropy (on the "
         "train store, as the paper measures it).",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from cluster-train")
-    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
+    add_evaluation_arguments(p, "smoe cluster-train")
     p.add_argument(
         "--train-store", type=Path, required=True, help="train split (.zarr): dispatch entropy"
     )
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     p.set_defaults(run=_run_cluster_evaluate)
 
 

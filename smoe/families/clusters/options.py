@@ -45,7 +45,8 @@ CLUSTER_KIND_OPTIONS: dict[str, dict[str, Any]] = {
         "init_scale": _scale(1.0, "factor on the default uniform init (the official singles 1)"),
     },
 }
-"""Options of the cluster family's model kinds (``smoe.families.clusters.models.build_cluster_model``):
+"""Options of the cluster family's model kinds
+(``smoe.families.clusters.models.build_cluster_model``):
 name -> JSON schema with the builder's default. ``dim`` comes from the data and ``classes``
 is 2, so neither is an option."""
 

@@ -15,14 +15,19 @@ from typing import Any
 
 from smoe.core.cli import (
     Seeds,
+    add_evaluation_arguments,
     add_processes_option,
     add_seed_runs_arguments,
     add_spec_arguments,
+    add_stores,
     add_table_command,
+    add_training_arguments,
     check_seeds,
     seed_runs_outputs,
     spec_from_arguments,
+    store_written,
     table_outputs,
+    training_summary,
 )
 from smoe.core.errors import InputError
 
@@ -128,10 +133,9 @@ def _run_data(args: argparse.Namespace) -> None:
         args.overwrite,
     )
     data = open_image_split(out)
-    print(
-        f"{'replaced existing store' if replacing else 'wrote'} {out}: {args.dataset} "
-        f"{args.split}, {len(data)} images of {' x '.join(map(str, data.image.shape[1:]))}"
-    )
+    shape = " x ".join(map(str, data.image.shape[1:]))
+    held = f"{args.dataset} {args.split}, {len(data)} images of {shape}"
+    print(store_written(out, replacing, held))
 
 
 # -- gated-train / gated-evaluate / gated-run --------------------------------------------
@@ -147,11 +151,8 @@ def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "when its spec, seed and data are the same).",
     )
     add_spec_arguments(p, "gated.models")
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--val-store", type=Path, required=True, help="val split (.zarr)")
-    p.add_argument("--seed", type=seeds.train, required=True, help="training seed")
-    p.add_argument("--out", type=Path, required=True, help="folder for best.pt, history, ...")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_stores(p, "train", "val")
+    add_training_arguments(p, seeds.train)
     add_processes_option(p)
     p.set_defaults(run=_run_train)
 
@@ -169,10 +170,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
     if not is_main():  # under torchrun: rank 0 speaks for all
         return
-    print(
-        f"{spec.name} seed {args.seed}: kept epoch {summary['best_epoch']}, validation "
-        f"accuracy {summary['val_metrics']['val_accuracy']:.2f} % -> {args.out}"
-    )
+    print(f"{training_summary(spec.name, args.seed, summary)}; wrote {args.out}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -183,9 +181,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "MoE, I(E;Y), H_s, H_u and per-task entropy in bits and the expert x class routing "
         "matrix (every sample routed to its most probable expert).",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt of gated-train")
-    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    add_evaluation_arguments(p, "smoe gated-train")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -213,9 +209,7 @@ def _add_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "feature network are taken per seed from --teacher-dir / --features-dir.",
     )
     add_spec_arguments(p, "gated.models")
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--val-store", type=Path, required=True, help="val split (.zarr)")
-    p.add_argument("--test-store", type=Path, required=True, help="test split (.zarr)")
+    add_stores(p, "train", "val", "test")
     add_seed_runs_arguments(p, seeds.train)
     p.add_argument(
         "--teacher-dir", type=Path, default=None, help="the teacher's seed folders (distilled)"

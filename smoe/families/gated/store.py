@@ -18,7 +18,8 @@ by ``numpy.random.default_rng(seed).permutation``: the first ``round(n * val_fra
 indices are ``val``, the rest ``train`` (each kept in source order). ``test`` is the official
 test part, except for digits, which has none: its test part is a fixed 20 % of
 ``load_digits`` (:data:`smoe.families.gated.images.DIGITS_TEST_FRACTION`, carved with the fixed seed
-:data:`smoe.families.gated.images.DIGITS_TEST_SEED`, the same for every training seed), and train and
+:data:`smoe.families.gated.images.DIGITS_TEST_SEED`, the same for every training seed), and
+train and
 val are carved from the other 80 %.
 """
 

@@ -21,7 +21,8 @@ weights, with the lowest last-epoch validation error: a best-of-runs figure. Our
 run" applies the same rule to our seeds (at the published weight, without the grid), so it
 reads like for like; our mean ± std says how much that choice depends on the seed.
 
-Published figures come from ``references.yaml`` (beside this module) (:func:`load_gated_references`). A
+Published figures come from ``references.yaml`` beside this module
+(:func:`load_gated_references`). A
 published row is matched to ours by the paper's label that every metrics file carries
 (``label``, e.g. ``top-2 + L_imp``), the data set and the number of experts, never by a
 config's model name.
@@ -500,7 +501,8 @@ def _dataset_note(dataset: str, references: Sequence[Mapping[str, Any]]) -> str 
     extra = f" ({DATASET_NOTES[dataset]})" if dataset in DATASET_NOTES else ""
     return (
         f"No published figure is shown: the paper's figures are on {names}, ours on "
-        f"{ours}{extra}, so they are not comparable; see smoe/families/gated/references.yaml for them."
+        f"{ours}{extra}, so they are not comparable; see smoe/families/gated/references.yaml "
+        "for them."
     )
 
 

@@ -11,7 +11,8 @@ Training: minibatches (``batch_size``, the paper 512) of images scaled to [0, 1]
 normalised per channel as the official code (:data:`smoe.families.gated.images.NORMALIZATION`;
 CIFAR-10 training batches are also flipped and cropped at random, :func:`augment_cifar`),
 shuffled by the trainer's seeded generator; Adam (lr 1e-3, the kind's weight decay, no
-schedule) on the variant's loss (:func:`smoe.families.gated.models.gated_loss`; a single model: CE of
+schedule) on the variant's loss (:func:`smoe.families.gated.models.gated_loss`; a single
+model: CE of
 its probabilities) plus the options' regularisers computed from the pass's gate weights
 (``importance: w`` adds :func:`importance_loss`, ``similarity`` adds
 :func:`sample_similarity_loss`). The stochastic variant draws its training routes from the

@@ -9,12 +9,17 @@ from pathlib import Path
 
 from smoe.core.cli import (
     Seeds,
+    add_evaluation_arguments,
     add_processes_option,
     add_spec_arguments,
+    add_stores,
     add_table_command,
+    add_training_arguments,
     positive,
     spec_from_arguments,
+    store_written,
     table_outputs,
+    training_summary,
 )
 
 
@@ -182,10 +187,8 @@ def _run_simulate(args: argparse.Namespace) -> None:
         progress=args.progress,
         overwrite=args.overwrite,
     )
-    print(
-        f"{'replaced existing store' if replacing else 'wrote'} {out}: {args.runs} runs x "
-        f"{args.steps + 1} frames x {mask.shape[0]}x{mask.shape[1]}"
-    )
+    held = f"{args.runs} runs x {args.steps + 1} frames x {mask.shape[0]}x{mask.shape[1]}"
+    print(store_written(out, replacing, held))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -218,16 +221,8 @@ def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "spec (--spec, as the workflow passes it). Resumes from OUT/last.pt when it exists.",
     )
     add_spec_arguments(p, "models")
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
-    p.add_argument("--seed", type=seeds.train, required=True, help="training seed (0 to 2**32-1)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="folder for best.pt, last.pt, history.csv, train.json",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_stores(p, "train", "val")
+    add_training_arguments(p, seeds.train)
     add_processes_option(p)
     p.set_defaults(run=_run_train)
 
@@ -247,11 +242,7 @@ def _run_train(args: argparse.Namespace) -> None:
     )
     summary = train(spec, args.train_store, args.val_store, args.seed, args.out, args.progress)
     if is_main():  # under torchrun: rank 0 speaks for all
-        print(
-            f"trained {spec.name} (seed {args.seed}): {summary['epochs']} epochs, best epoch "
-            f"{summary['best_epoch']}, {summary['select_metric']} = {summary['best_value']:.6g} "
-            f"({summary['stop_reason']})"
-        )
+        print(training_summary(spec.name, args.seed, summary))
 
 
 def _add_tune_lr(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
@@ -274,8 +265,7 @@ def _add_tune_lr(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         required=True,
         help="training seed (same for every rate)",
     )
-    p.add_argument("--train-store", type=Path, required=True, help="train split (.zarr)")
-    p.add_argument("--val-store", type=Path, required=True, help="validation split (.zarr)")
+    add_stores(p, "train", "val")
     p.add_argument("--out", type=Path, required=True, help="CSV of rate -> validation value")
     p.add_argument(
         "--epochs",
@@ -322,9 +312,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluate best.pt on a store: mse, mae, rmse, nrmse, vrmse, prcntclose "
         "(overall and per region type) and, for SMoE, routing agreement and learned kernels.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt from smoe train")
-    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    add_evaluation_arguments(p, "smoe train")
     p.add_argument(
         "--routing-map",
         type=Path,

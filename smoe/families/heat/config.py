@@ -47,7 +47,8 @@ most this (about 0.1 s); larger ones only need height * width >= types here."""
 
 
 METRIC_BASES = ("mse", "mae", "rmse", "nrmse", "vrmse")
-"""The error metrics of :class:`smoe.families.heat.metrics.MetricAccumulator`, besides prcntclose."""
+"""The error metrics of :class:`smoe.families.heat.metrics.MetricAccumulator`, besides
+prcntclose."""
 
 
 def close_metric_name(rtol: float, scaled: bool = False) -> str:

@@ -1,6 +1,7 @@
 """The heat update as one compiled loop per run (numba), bit for bit the numpy kernel's.
 
-The numpy kernel of :mod:`smoe.families.heat.simulation` makes seven passes over a block of runs per step
+The numpy kernel of :mod:`smoe.families.heat.simulation` makes seven passes over a block of
+runs per step
 (three additions, two products, one addition, the frame's float32 copy). Here every cell is
 updated once per step, reading its four neighbours and writing the new float64 value and the
 float32 frame in the same loop. The arithmetic is the update's definition in the same order,

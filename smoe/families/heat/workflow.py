@@ -4,7 +4,6 @@ Plain Python, so tests can check it without Snakemake."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from smoe.core.config import spec_without_processes
@@ -20,6 +19,7 @@ class HeatRules:
         self.config = config
         self.RESULTS = results
         self.CFG = Config.from_dict(config)
+        self._shape = None
 
         self.MODELS = models_to_run(self.config)
 
@@ -70,7 +70,8 @@ class HeatRules:
         ]
 
     def first_seed_predictions(self):
-        """Every model's test predictions for the first seed: one sample, all models side by side."""
+        """Every model's test predictions for the first seed: one sample, all models side
+        by side."""
         return [
             f"{self.RESULTS}/predictions/{model}/seed{self.SEEDS[0]}.nc" for model in self.MODELS
         ]
@@ -192,14 +193,16 @@ class HeatRules:
             args.append(f"--runs-per-chunk {self.CFG.runs_per_chunk}")
         return " ".join(args)
 
-    @functools.cache
     def _grid_shape(self):
         """The grid's shape; read once, since every job's resources ask for it."""
-        if self.CFG.mask.file:
-            from smoe.families.heat.mask import load_mask
+        if self._shape is None:
+            if self.CFG.mask.file:
+                from smoe.families.heat.mask import load_mask
 
-            return load_mask(self.CFG.mask.file).shape
-        return (self.CFG.mask.height, self.CFG.mask.width)
+                self._shape = load_mask(self.CFG.mask.file).shape
+            else:
+                self._shape = (self.CFG.mask.height, self.CFG.mask.width)
+        return self._shape
 
     def simulate_mem_mb(self, wildcards, threads):
         """Memory of one simulation job: a block of frames per worker, plus headroom."""
