@@ -1,5 +1,6 @@
 """Shared fixtures: the paper's region map, a small generated map, paths of the repository."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +32,12 @@ def paper_mask() -> np.ndarray:
 def small_mask() -> np.ndarray:
     """A 12 x 10 map with 3 types, quick to simulate."""
     return generate_mask(12, 10, 3, seed=3)
+
+
+@pytest.fixture
+def work(pristine, tmp_path) -> Path:
+    """A fresh copy of the test module's ``pristine`` folder (built once per module) that one
+    test may change."""
+    root = tmp_path / "work"
+    shutil.copytree(pristine, root)
+    return root

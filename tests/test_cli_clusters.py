@@ -10,15 +10,11 @@ folder of the workspace is byte-identical afterwards (and nothing new appeared).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from command_runs import assert_refused, smoe
 
 from smoe.config import validate_config
 from smoe.families.clusters.config import cluster_model_spec
@@ -62,46 +58,6 @@ def pristine(tmp_path_factory) -> Path:
     (root / "afile").write_text("a file, not a folder\n")
     (root / "notes.zarr").write_text("a file named like a store\n")
     return root
-
-
-@pytest.fixture
-def work(pristine, tmp_path) -> Path:
-    root = tmp_path / "work"
-    shutil.copytree(pristine, root)
-    return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root``: a file's SHA-256, or 'folder'."""
-    return {
-        str(path.relative_to(root)): (
-            "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        )
-        for path in sorted(root.rglob("*"))
-    }
-
-
-def smoe(work: Path, *args: str):
-    env = {k: v for k, v in os.environ.items() if k != "SMOE_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "smoe", *args], cwd=work, env=env, capture_output=True, text=True
-    )
-
-
-def assert_refused(work: Path, verb: str, args, expect: str) -> str:
-    """One line `smoe VERB: error: ...` holding ``expect``, status 2, no traceback, the
-    workspace unchanged. Returns the line."""
-    before = snapshot(work)
-    result = smoe(work, *args)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    (line,) = lines
-    assert line.startswith(f"smoe {verb}: error: "), line
-    assert expect in line, line
-    assert snapshot(work) == before
-    return line
 
 
 def data_args(*extra: str, out: str = "new.zarr", setting: str = "s1") -> list[str]:

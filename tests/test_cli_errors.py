@@ -10,10 +10,8 @@ the workspace is byte-identical afterwards (and nothing new appeared).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from command_runs import assert_refused, smoe, snapshot
 
 from smoe.config import validate_config
 from smoe.core.report.results import write_json
@@ -73,30 +72,6 @@ def pristine(tmp_path_factory, small_mask) -> Path:
     return root
 
 
-@pytest.fixture
-def work(pristine, tmp_path) -> Path:
-    root = tmp_path / "work"
-    shutil.copytree(pristine, root)
-    return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root``: a file's SHA-256 (size and time if this user may not read
-    it), or 'folder'."""
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_dir():
-            tree[key] = "folder"
-            continue
-        try:
-            tree[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        except PermissionError:
-            stat = path.stat()
-            tree[key] = f"unreadable, {stat.st_size} bytes, modified {stat.st_mtime_ns}"
-    return tree
-
-
 def _drop_root_override() -> None:
     """In the child: lose root's power to write anywhere (CAP_DAC_OVERRIDE and
     CAP_DAC_READ_SEARCH leave the bounding set, so the exec'd python never has them)."""
@@ -106,33 +81,21 @@ def _drop_root_override() -> None:
             os._exit(97)
 
 
-def smoe(work: Path, *args: str, honour_permissions: bool = False):
-    env = {k: v for k, v in os.environ.items() if k != "SMOE_DEBUG"}
+def smoe_as_user(work: Path, *args: str, honour_permissions: bool = False):
+    """`smoe ARGS`, as a user that file permissions apply to when asked (root otherwise
+    writes anywhere)."""
     preexec = _drop_root_override if honour_permissions and os.geteuid() == 0 else None
-    return subprocess.run(
-        [sys.executable, "-m", "smoe", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        preexec_fn=preexec,
-    )
+    return smoe(work, *args, preexec_fn=preexec)
 
 
-def assert_refused(work: Path, verb: str, args, expect: str, honour_permissions=False) -> str:
-    """Run the command; one line `smoe VERB: error: ...` holding ``expect``, status 2, no
-    traceback, the workspace unchanged. Returns the line."""
-    before = snapshot(work)
-    result = smoe(work, *args, honour_permissions=honour_permissions)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    (line,) = lines
-    assert line.startswith(f"smoe {verb}: error: "), line
-    assert expect in line, line
-    assert snapshot(work) == before
-    return line
+def assert_refused_as_user(work: Path, verb: str, args, expect: str, honour_permissions=False):
+    """:func:`command_runs.assert_refused` as a user that file permissions apply to, when
+    asked."""
+
+    def run(folder, *words):
+        return smoe_as_user(folder, *words, honour_permissions=honour_permissions)
+
+    return assert_refused(work, verb, args, expect, run=run)
 
 
 def spec_json(work: Path, **data) -> str:
@@ -211,7 +174,7 @@ def read_only(work) -> Path:
     folder = work / "ro"
     folder.mkdir()
     folder.chmod(0o555)
-    probe = smoe(work, "--version", honour_permissions=True)
+    probe = smoe_as_user(work, "--version", honour_permissions=True)
     writes = subprocess.run(
         [sys.executable, "-c", "open('ro/probe', 'w')"],
         cwd=work,
@@ -243,7 +206,7 @@ def test_read_only_output_folder(work, read_only, case):
     args, expect = READ_ONLY[case]
     if args is None:
         args = train_args(work, "ro/cnn" if case == "train-new-folder" else "ro")
-    assert_refused(work, args[0], args, expect, honour_permissions=True)
+    assert_refused_as_user(work, args[0], args, expect, honour_permissions=True)
 
 
 UNREADABLE = {
@@ -272,7 +235,7 @@ def test_unreadable_input(work, read_only, case):
     for path in unreadable:
         path.chmod(0o000)
     try:
-        assert_refused(work, args[0], args, expect, honour_permissions=True)
+        assert_refused_as_user(work, args[0], args, expect, honour_permissions=True)
     finally:
         for path in unreadable:
             path.chmod(0o644)

@@ -4,16 +4,12 @@ nothing changed (the files a user points at, the seeds, the models a model build
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from command_runs import assert_refused, smoe
 
 from smoe.families.gated.store import open_image_split, write_image_split
 
@@ -36,29 +32,6 @@ def pristine(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def work(pristine, tmp_path) -> Path:
-    root = tmp_path / "work"
-    shutil.copytree(pristine, root)
-    return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(root)): (
-            "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-        )
-        for path in sorted(root.rglob("*"))
-    }
-
-
-def smoe(work: Path, *args: str):
-    env = {k: v for k, v in os.environ.items() if k != "SMOE_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "smoe", *args], cwd=work, env=env, capture_output=True, text=True
-    )
-
-
 def run_args(spec: str, name: str, *seeds: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         "gated-run",
@@ -79,16 +52,6 @@ def run_args(spec: str, name: str, *seeds: str, extra: tuple[str, ...] = ()) -> 
         "--no-progress",
         *extra,
     ]
-
-
-def assert_refused(work: Path, verb: str, args, expect: str) -> None:
-    before = snapshot(work)
-    result = smoe(work, *args)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.splitlines()
-    assert line.startswith(f"smoe {verb}: error: ") and expect in line, line
-    assert snapshot(work) == before
 
 
 def test_gated_run_writes_every_seed_and_a_distilled_model_uses_its_teacher(work):

@@ -156,15 +156,17 @@ def add_spec_arguments(p: argparse.ArgumentParser, section: str) -> None:
 def spec_from_arguments(
     args: argparse.Namespace,
     section: str,
-    from_config: Callable[[Path, str], Any],
+    from_config: Callable[[dict[str, Any], str], Any],
     from_json: Callable[[Any], Any],
+    load: Callable[[Path], dict[str, Any]],
 ) -> Any:
-    """The model spec of ``--config``/``--model`` (``from_config(path, name)``, which loads
-    and validates the config) or of ``--spec`` (``from_json(parsed JSON)``, which checks it)."""
+    """The model spec of ``--config``/``--model`` (``from_config(config, name)`` on the
+    config ``load`` reads and validates) or of ``--spec`` (``from_json(parsed JSON)``, which
+    checks it)."""
     if args.config is not None:
         if not args.model:
             raise InputError(f"--config needs --model NAME (a name under '{section}')")
-        return from_config(args.config, args.model)
+        return from_config(load(args.config), args.model)
     if args.model:
         raise InputError("--model goes with --config, not with --spec")
     try:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import yaml
+from command_runs import write_results
 
 from smoe.core.errors import InputError
 from smoe.families.clusters.data import make_setting
@@ -74,12 +75,7 @@ def result(setting, model, seed, accuracy, entropy=None, *, kind="cluster_moe", 
 
 
 def write(folder, results):
-    paths = []
-    for index, values in enumerate(results):
-        path = folder / f"{index:02d}_{values['setting']}_{values['model']}_{values['seed']}.json"
-        path.write_text(json.dumps(values))
-        paths.append(path)
-    return paths
+    return write_results(folder, results, lambda v: f"{v['setting']}_{v['model']}_{v['seed']}")
 
 
 def read_csv(path):

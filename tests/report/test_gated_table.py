@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from command_runs import write_results
 
 from smoe.core.errors import InputError
 from smoe.families.gated.orderings import FAILS, HOLDS, UNCHECKED, gated_orderings
@@ -87,12 +88,7 @@ def result(
 
 
 def write(folder, results):
-    paths = []
-    for index, values in enumerate(results):
-        path = folder / f"{index:02d}_{values['model']}_seed{values['seed']}.json"
-        path.write_text(json.dumps(values))
-        paths.append(path)
-    return paths
+    return write_results(folder, results, lambda v: f"{v['model']}_seed{v['seed']}")
 
 
 def table(tmp_path, results):

@@ -79,3 +79,41 @@ def planned_rules(output: str) -> set:
     import re
 
     return set(re.findall(r"^rule (\w+):", output, re.M))
+
+
+def check_family_report(repo, built, target: str, folder: str, placed: dict) -> None:
+    """`snakemake TARGET --report` on a built workdir: the family's results sit where
+    ``placed`` says (path below ``folder`` -> (category, subcategory)), every caption renders
+    without a docutils message, and every PNG placed stays whole in the report's viewer."""
+    import struct
+    import tempfile
+    from pathlib import Path
+
+    from smoe.core.report.figures import fits_viewer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "report.html"
+        result = run_snakemake(repo, built, target, "--report", str(path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        page = path.read_text()
+    assert report_placements(page, folder) == placed
+    for entry in script_variable(page, "results").values():
+        caption = entry["caption"]
+        assert caption.strip() and "system-message" not in caption
+        assert "System Message" not in caption
+    for name in placed:
+        if name.endswith(".png"):
+            data = (built / folder / name).read_bytes()
+            assert fits_viewer(*struct.unpack(">II", data[16:24])), name
+
+
+def rules_when_enabled(repo, workdir, section: str) -> set:
+    """The rules `snakemake -n` plans with ``<section>.enabled: true``, after checking that
+    without it (config/test.yaml) none of the family's ``<section>``-named rules is planned."""
+    off = run_snakemake(repo, workdir, "-n")
+    assert off.returncode == 0, off.stderr[-2000:]
+    prefix = section.rstrip("s")  # clusters -> cluster_*, gated -> gated_*
+    assert not any(rule.startswith(prefix) for rule in planned_rules(off.stdout))
+    on = run_snakemake(repo, workdir, "-n", "--config", f"{section}={{enabled: true}}")
+    assert on.returncode == 0, on.stderr[-2000:]
+    return planned_rules(on.stdout)

@@ -10,20 +10,17 @@ refuse bad configs before any job, deleting nothing.
 import csv
 import json
 import re
-import struct
 
 import pytest
 import yaml
 from snakemake_runs import (
-    planned_rules,
-    report_placements,
+    check_family_report,
+    rules_when_enabled,
     run_snakemake,
-    script_variable,
     snapshot,
     tiny_config,
 )
 
-from smoe.core.report.figures import fits_viewer
 from smoe.families.clusters.store import open_cluster_split
 
 pytestmark = pytest.mark.slow
@@ -84,37 +81,18 @@ def test_a_second_run_of_the_table_target_has_nothing_to_do(repo, built):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_the_report_registers_the_family_under_its_subcategory(repo, built, tmp_path):
-    path = tmp_path / "report.html"
-    result = run_snakemake(repo, built, "clusters", "--report", str(path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    page = path.read_text()
-
-    placed = report_placements(page, CLUSTERS)
-    assert placed == {
+def test_the_report_registers_the_family_under_its_subcategory(repo, built):
+    placed = {
         "table.html": ("Results", FAMILY),
         "figures/dispatch.png": ("Training diagnostics", FAMILY),
         "figures/projection_s1.png": ("Data", FAMILY),
     }
-    for entry in script_variable(page, "results").values():
-        caption = entry["caption"]
-        assert (
-            caption.strip() and "system-message" not in caption and "System Message" not in caption
-        )
-    for name in ("dispatch", "projection_s1"):
-        data = (built / CLUSTERS / "figures" / f"{name}.png").read_bytes()
-        assert fits_viewer(*struct.unpack(">II", data[16:24])), name
+    check_family_report(repo, built, "clusters", CLUSTERS, placed)
 
 
 def test_enabled_puts_the_family_into_rule_all_and_disabled_keeps_heat_alone(repo, tmp_path):
-    off = run_snakemake(repo, tmp_path, "-n")
-    assert off.returncode == 0, off.stderr[-2000:]
-    assert not any(rule.startswith("cluster") for rule in planned_rules(off.stdout))
-    on = run_snakemake(repo, tmp_path, "-n", "--config", "clusters={enabled: true}")
-    assert on.returncode == 0, on.stderr[-2000:]
-    rules = planned_rules(on.stdout)
+    rules = rules_when_enabled(repo, tmp_path, "clusters")
     assert {"cluster_data", "cluster_train", "cluster_aggregate"} <= rules
-    assert {"cluster_figure_dispatch", "cluster_figure_projection", "train", "aggregate"} <= rules
 
 
 def test_a_cuda_model_asks_for_a_gpu(repo, tmp_path):

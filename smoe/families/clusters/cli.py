@@ -129,9 +129,12 @@ def _add_cluster_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
 
 def _cluster_spec_argument(args: argparse.Namespace):
     """The model spec of --config/--model or --spec, validated like the workflow's."""
-    from smoe.families.clusters.config import validate_cluster_spec
+    from smoe.config import load_config
+    from smoe.families.clusters.config import cluster_model_spec, validate_cluster_spec
 
-    return spec_from_arguments(args, "clusters.models", _spec_of_config, validate_cluster_spec)
+    return spec_from_arguments(
+        args, "clusters.models", cluster_model_spec, validate_cluster_spec, load_config
+    )
 
 
 def _run_cluster_train(args: argparse.Namespace) -> None:
@@ -295,14 +298,3 @@ FIGURES = {
         "a split's samples projected on the generating vectors",
     ),
 }
-"""``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
-what it shows)."""
-
-
-def _spec_of_config(path: Path, name: str):
-    """Model ``name`` of the config file ``path``, validated as a whole (every family's
-    part): the workflow's own check of it."""
-    from smoe.config import load_config
-    from smoe.families.clusters.config import cluster_model_spec
-
-    return cluster_model_spec(load_config(path), name)

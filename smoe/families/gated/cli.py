@@ -51,8 +51,10 @@ def _spec_from_json(raw):
 
 def _spec(args: argparse.Namespace):
     """The model spec of ``--config``/``--model`` or ``--spec``, checked before any work."""
+    from smoe.config import load_config
+    from smoe.families.gated.config import gated_model_spec
 
-    return spec_from_arguments(args, "gated.models", _spec_of_config, _spec_from_json)
+    return spec_from_arguments(args, "gated.models", gated_model_spec, _spec_from_json, load_config)
 
 
 def _open_stores(**stores: Path) -> None:
@@ -321,14 +323,3 @@ FIGURES = {
         "test accuracy against expert-usage entropy H_u, beside the published MNIST points",
     ),
 }
-"""``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
-what it shows)."""
-
-
-def _spec_of_config(path: Path, name: str):
-    """Model ``name`` of the config file ``path``, validated as a whole (every family's
-    part): the workflow's own check of it."""
-    from smoe.config import load_config
-    from smoe.families.gated.config import gated_model_spec
-
-    return gated_model_spec(load_config(path), name)

@@ -228,17 +228,18 @@ def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-
+    from smoe.config import load_config
     from smoe.core.train.distributed import is_main
-    from smoe.families.heat.config import validate_spec
+    from smoe.families.heat.config import model_spec, validate_spec
     from smoe.families.heat.task import train
 
     spec = spec_from_arguments(
         args,
         "models",
-        _spec_of_config,
+        model_spec,
         # the workflow's checks of a model, keys named; the store gives types and steps
         lambda raw: validate_spec(raw, args.train_store),
+        load_config,
     )
     summary = train(spec, args.train_store, args.val_store, args.seed, args.out, args.progress)
     if is_main():  # under torchrun: rank 0 speaks for all
@@ -465,14 +466,3 @@ FIGURES = {
     ),
     "experts": (("metrics",), _draw_experts, "SMoE expert x region-type counts"),
 }
-"""``smoe figure`` kinds of the family: kind -> (options it needs, draw(args) -> paths,
-what it shows)."""
-
-
-def _spec_of_config(path: Path, name: str):
-    """Model ``name`` of the config file ``path``, validated as a whole (every family's
-    part): the workflow's own check of it."""
-    from smoe.config import load_config
-    from smoe.families.heat.config import model_spec
-
-    return model_spec(load_config(path), name)
