@@ -200,6 +200,35 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, trained_by: str) -> Non
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
 
 
+def add_model_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str,
+    section: str,
+    stores: Sequence[str],
+    run: Callable[[argparse.Namespace], None],
+    seed: Callable[[str], int],
+    seeds: bool = False,
+    processes: bool = False,
+) -> argparse.ArgumentParser:
+    """A command that trains one model (``--config``/``--model`` under ``section``, or
+    ``--spec``) on ``stores``: for one seed into ``--out``, or with ``seeds`` for several
+    (and evaluates each); ``processes`` adds ``--processes``. The parser, for the family's own
+    options."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_spec_arguments(p, section)
+    add_stores(p, *stores)
+    if seeds:
+        add_seed_runs_arguments(p, seed)
+    else:
+        add_training_arguments(p, seed)
+    if processes:
+        add_processes_option(p)
+    p.set_defaults(run=run)
+    return p
+
+
 def training_summary(name: str, seed: int, summary: dict[str, Any]) -> str:
     """One line saying how a training ended, from its ``train.json`` summary."""
     return (

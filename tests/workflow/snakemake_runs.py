@@ -117,3 +117,11 @@ def rules_when_enabled(repo, workdir, section: str) -> set:
     on = run_snakemake(repo, workdir, "-n", "--config", f"{section}={{enabled: true}}")
     assert on.returncode == 0, on.stderr[-2000:]
     return planned_rules(on.stdout)
+
+
+def built_workdir(repo, tmp_path_factory, target: str):
+    """A fresh workdir in which `snakemake --cores 2 TARGET` (config/test.yaml) succeeded."""
+    workdir = tmp_path_factory.mktemp(target)
+    result = run_snakemake(repo, workdir, target)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -14,6 +14,7 @@ import re
 import pytest
 import yaml
 from snakemake_runs import (
+    built_workdir,
     check_family_report,
     rules_when_enabled,
     run_snakemake,
@@ -33,10 +34,7 @@ FAMILY = "Synthetic clusters (Chen et al. 2022)"
 @pytest.fixture(scope="module")
 def built(repo, tmp_path_factory):
     """A workdir holding the tiny cluster family (`snakemake --cores 2 clusters`)."""
-    workdir = tmp_path_factory.mktemp("clusters")
-    result = run_snakemake(repo, workdir, "clusters")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return built_workdir(repo, tmp_path_factory, "clusters")
 
 
 def test_the_family_builds_stores_models_metrics_table_and_figures(repo, built):

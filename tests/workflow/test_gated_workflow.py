@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from snakemake_runs import (
+    built_workdir,
     check_family_report,
     rules_when_enabled,
     run_snakemake,
@@ -36,10 +37,7 @@ FAMILY = "Gated modular MoE (Krishnamurthy et al. 2023)"
 @pytest.fixture(scope="module")
 def built(repo, tmp_path_factory):
     """A workdir holding the tiny gated family (`snakemake --cores 2 gated`)."""
-    workdir = tmp_path_factory.mktemp("gated")
-    result = run_snakemake(repo, workdir, "gated")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return built_workdir(repo, tmp_path_factory, "gated")
 
 
 def test_the_family_builds_stores_models_metrics_table_and_figures(repo, built):

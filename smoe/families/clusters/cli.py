@@ -12,11 +12,8 @@ from pathlib import Path
 from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
-    add_seed_runs_arguments,
-    add_spec_arguments,
-    add_stores,
+    add_model_command,
     add_table_command,
-    add_training_arguments,
     check_seeds,
     seed_runs_outputs,
     spec_from_arguments,
@@ -113,18 +110,21 @@ def _run_cluster_data(args: argparse.Namespace) -> None:
 
 
 def _add_cluster_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    p = sub.add_parser(
+    add_model_command(
+        sub,
         "cluster-train",
         help="train one synthetic-cluster model with one seed",
         description="Train a cluster-family model (cluster_moe or cluster_single) full batch on "
         "a train store, holding out the spec's val_fraction of it to select the best epoch. The "
         "model comes from a workflow config (--config and --model, under clusters.models) or a "
         "resolved spec (--spec, as the workflow passes it).",
+        section="clusters.models",
+        stores=("train",),
+        run=_run_cluster_train,
+        seed=seeds.train,
+        seeds=False,
+        processes=False,
     )
-    add_spec_arguments(p, "clusters.models")
-    add_stores(p, "train")
-    add_training_arguments(p, seeds.train)
-    p.set_defaults(run=_run_cluster_train)
 
 
 def _cluster_spec_argument(args: argparse.Namespace):
@@ -150,18 +150,21 @@ def _run_cluster_train(args: argparse.Namespace) -> None:
 
 
 def _add_cluster_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    p = sub.add_parser(
+    add_model_command(
+        sub,
         "cluster-run",
         help="train and evaluate one synthetic-cluster model for several seeds",
         description="For every seed: smoe cluster-train into MODELS_DIR/seed<k>/, then smoe "
         "cluster-evaluate of its best.pt into METRICS_DIR/seed<k>.json, in one process (the "
         "workflow's job per setting and model; starting PyTorch per seed would cost as much "
         "as the training).",
+        section="clusters.models",
+        stores=("train", "test"),
+        run=_run_cluster_run,
+        seed=seeds.train,
+        seeds=True,
+        processes=False,
     )
-    add_spec_arguments(p, "clusters.models")
-    add_stores(p, "train", "test")
-    add_seed_runs_arguments(p, seeds.train)
-    p.set_defaults(run=_run_cluster_run)
 
 
 def _run_cluster_run(args: argparse.Namespace) -> None:

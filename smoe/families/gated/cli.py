@@ -16,12 +16,8 @@ from typing import Any
 from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
-    add_processes_option,
-    add_seed_runs_arguments,
-    add_spec_arguments,
-    add_stores,
+    add_model_command,
     add_table_command,
-    add_training_arguments,
     check_seeds,
     seed_runs_outputs,
     spec_from_arguments,
@@ -144,19 +140,21 @@ def _run_data(args: argparse.Namespace) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    p = sub.add_parser(
+    add_model_command(
+        sub,
         "gated-train",
         help="train one gated-family model with one seed",
         description="Train a gated_moe, gated_single or gated_distilled model on image stores "
         "(Adam, minibatches; the last epoch is kept as best.pt, as the official code tests "
         "it, unless train.select.mode is max or min; an interrupted run resumes from last.pt "
         "when its spec, seed and data are the same).",
+        section="gated.models",
+        stores=("train", "val"),
+        run=_run_train,
+        seed=seeds.train,
+        seeds=False,
+        processes=True,
     )
-    add_spec_arguments(p, "gated.models")
-    add_stores(p, "train", "val")
-    add_training_arguments(p, seeds.train)
-    add_processes_option(p)
-    p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -202,17 +200,21 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    p = sub.add_parser(
+    p = add_model_command(
+        sub,
         "gated-run",
         help="train and evaluate one gated-family model for several seeds",
         description="For every seed: smoe gated-train into MODELS_DIR/seed<k>/, then smoe "
         "gated-evaluate of its best.pt into METRICS_DIR/seed<k>.json, in one process (the "
         "workflow's job per model). A distilled model's teacher and a similarity loss's "
         "feature network are taken per seed from --teacher-dir / --features-dir.",
+        section="gated.models",
+        stores=("train", "val", "test"),
+        run=_run_run,
+        seed=seeds.train,
+        seeds=True,
+        processes=True,
     )
-    add_spec_arguments(p, "gated.models")
-    add_stores(p, "train", "val", "test")
-    add_seed_runs_arguments(p, seeds.train)
     p.add_argument(
         "--teacher-dir", type=Path, default=None, help="the teacher's seed folders (distilled)"
     )
@@ -222,8 +224,6 @@ def _add_run(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         default=None,
         help="seed folders of the gated_single whose features measure similarity",
     )
-    add_processes_option(p)
-    p.set_defaults(run=_run_run)
 
 
 def _run_run(args: argparse.Namespace) -> None:

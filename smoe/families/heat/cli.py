@@ -10,11 +10,9 @@ from pathlib import Path
 from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
-    add_processes_option,
-    add_spec_arguments,
+    add_model_command,
     add_stores,
     add_table_command,
-    add_training_arguments,
     positive,
     spec_from_arguments,
     store_written,
@@ -213,18 +211,20 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    p = sub.add_parser(
+    add_model_command(
+        sub,
         "train",
         help="train one model with one seed",
         description="Train a model on a train store, selecting the best epoch on a validation "
         "store. The model comes from a workflow config (--config and --model) or a resolved "
         "spec (--spec, as the workflow passes it). Resumes from OUT/last.pt when it exists.",
+        section="models",
+        stores=("train", "val"),
+        run=_run_train,
+        seed=seeds.train,
+        seeds=False,
+        processes=True,
     )
-    add_spec_arguments(p, "models")
-    add_stores(p, "train", "val")
-    add_training_arguments(p, seeds.train)
-    add_processes_option(p)
-    p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
