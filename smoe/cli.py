@@ -18,6 +18,7 @@ from pathlib import Path
 from smoe import __version__
 from smoe.core.cli import SEEDS, Parser, non_negative, run_command
 from smoe.core.errors import InputError
+from smoe.core.zarr_store import store_argument
 from smoe.families import families
 
 
@@ -39,7 +40,9 @@ def _add_figure(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("kind", choices=tuple(kinds), help="which figure")
     p.add_argument("--metrics", type=Path, nargs="+", default=[], help="metrics JSON files")
-    p.add_argument("--store", type=Path, default=None, help="a data split .zarr (projection)")
+    p.add_argument(
+        "--store", type=store_argument, default=None, help="a data split .zarr (projection)"
+    )
     p.add_argument("--mask", type=Path, default=None, help="region map .npy/.nc (routing)")
     p.add_argument(
         "--predictions",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from smoe.core.errors import InputError, describe_os_error, one_line
+from smoe.core.zarr_store import store_argument
 
 MAX_TRAIN_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 32 bits
 
@@ -179,7 +180,16 @@ def spec_from_arguments(
 def add_stores(p: argparse.ArgumentParser, *splits: str) -> None:
     """``--<split>-store PATH`` for each split a command reads (a zarr store)."""
     for split in splits:
-        p.add_argument(f"--{split}-store", type=Path, required=True, help=f"{split} split (.zarr)")
+        p.add_argument(
+            f"--{split}-store", type=store_argument, required=True, help=f"{split} split (.zarr)"
+        )
+
+
+def add_store_output(p: argparse.ArgumentParser) -> None:
+    """``--out``: the store a data command writes (its folder, or the folder's zarr.json)."""
+    p.add_argument(
+        "--out", type=store_argument, required=True, help="output store (name ends in .zarr)"
+    )
 
 
 def add_training_arguments(p: argparse.ArgumentParser, seed: Callable[[str], int]) -> None:
@@ -196,7 +206,7 @@ def add_evaluation_arguments(p: argparse.ArgumentParser, trained_by: str) -> Non
     """What every evaluation command takes: ``--checkpoint`` (a ``best.pt`` of
     ``trained_by``), ``--store`` (the test split) and ``--out`` (the metrics JSON)."""
     p.add_argument("--checkpoint", type=Path, required=True, help=f"best.pt of {trained_by}")
-    p.add_argument("--store", type=Path, required=True, help="test split (.zarr)")
+    p.add_argument("--store", type=store_argument, required=True, help="test split (.zarr)")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from smoe.core.config import gpu_check_mode
+from smoe.core.zarr_store import STORE_HEAD
 
 
 def planned_executor() -> str | None:
@@ -45,3 +46,10 @@ def gpu_check(exec_mode: str, executor: str | None) -> str:
     except Exception:  # an unknown plugin: Snakemake itself refuses it after parsing
         local = False
     return gpu_check_mode("local" if local else "cluster")
+
+
+def store_head(folder: str) -> str:
+    """The file a rule declares for the zarr store ``folder``: its root metadata, written
+    last (the store is renamed into place whole), so that Snakemake tracks the store
+    without writing a timestamp file into it."""
+    return f"{folder}/{STORE_HEAD}"

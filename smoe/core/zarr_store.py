@@ -18,18 +18,78 @@ def read_json_object(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+STORE_HEAD = "zarr.json"
+"""A store's root metadata: the file a rule declares as its output, so that Snakemake
+writes no timestamp file into the store (it marks a directory output with one)."""
+
+
+def store_argument(value: str) -> Path:
+    """A store named on the command line: its folder, or its root ``zarr.json`` (the file
+    the workflow's rules declare for a store, so a rule passes its input or output as is)."""
+    path = Path(value)
+    return path.parent if path.name == STORE_HEAD else path
+
+
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+"""What Snakemake leaves at the top of a directory output (stores written before the rules
+declared the root metadata hold one)."""
+
+
+def consolidate(path: str | Path) -> None:
+    """Copy every array's metadata into the root ``zarr.json``, so that
+    ``xarray.open_zarr(path)`` reads one file and warns about nothing.
+
+    zarr warns on writing that consolidated metadata is not yet in the v3 specification;
+    zarr-python and xarray read it, other readers ignore it (each array keeps its own
+    metadata), so the warning is silenced here and nowhere else.
+    """
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Consolidated metadata is currently not part", category=UserWarning
+        )
+        zarr.consolidate_metadata(str(path), zarr_format=3)
+
+
 def is_zarr_store(path: str | Path) -> bool:
     """Whether ``path`` is a folder whose top-level ``zarr.json`` describes a zarr group."""
     meta = read_json_object(Path(path) / "zarr.json") if Path(path).is_dir() else None
     return meta is not None and meta.get("node_type") == "group"
 
 
+def is_headless_store(path: Path) -> bool:
+    """A store whose root ``zarr.json`` is gone but whose arrays remain: what Snakemake
+    leaves when it removes the declared output before rebuilding the store."""
+    entries = list(path.iterdir())
+    arrays = [e for e in entries if e.is_dir() and (e / STORE_HEAD).is_file()]
+    others = [e for e in entries if e.name != SNAKEMAKE_TIMESTAMP and e not in arrays]
+    return bool(arrays) and not others and not (path / STORE_HEAD).exists()
+
+
 def check_store_output(out: str | Path, overwrite: bool) -> None:
-    """Refuse an output path holding anything but a store, or a store without ``overwrite``."""
+    """Refuse an output path holding anything but a store, or a store without ``overwrite``.
+
+    An empty folder is taken (Snakemake makes the folder of a declared ``zarr.json`` before
+    the job), and with ``overwrite`` a store without its root metadata (Snakemake removed
+    it before the rebuild): neither holds anything a user could lose.
+    """
     out = Path(out)
     name = repr(str(out))
     if not (out.exists() or out.is_symlink()):
         return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    if out.is_dir() and is_headless_store(out):
+        if overwrite:
+            return
+        raise InputError(
+            f"output {name} is a store without its root metadata {STORE_HEAD} (as Snakemake "
+            "leaves a store it is about to rebuild); nothing was changed: pass --overwrite to "
+            f"replace it, or remove it first (rm -r {out})"
+        )
     if not out.is_dir():
         raise InputError(
             f"output {name} exists and is a file, not a zarr store; nothing was changed: "

@@ -64,8 +64,8 @@ def test_round_trip_is_bit_identical(stores):
 def test_layout_and_attributes(stores):
     train, _ = stores
     assert json.loads((train / "zarr.json").read_text())["zarr_format"] == 3
-    assert not (train / "zarr.json").read_text().count('consolidated_metadata": {')
-    ds = xr.open_zarr(train, consolidated=False)
+    assert (train / "zarr.json").read_text().count('"consolidated_metadata": {') == 1
+    ds = xr.open_zarr(train)
     assert dict(ds.sizes) == {"sample": 5000, "patch": 4, "dim": 50, "k": 4}
     for name, dims in VARIABLES.items():
         assert ds[name].dims == dims, name

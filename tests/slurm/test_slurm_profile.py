@@ -39,8 +39,6 @@ pytestmark = [
     # the first test builds every family of the tiny config twice (Slurm and local, side by
     # side: about 10 min on 2 cores), longer than the suite's 600 s per test
     pytest.mark.timeout(1800),
-    # Snakemake marks a directory() output with a file zarr does not know
-    pytest.mark.filterwarnings("ignore:Object at .snakemake_timestamp"),
     pytest.mark.slow,
     pytest.mark.skipif(
         not CLUSTER_UP,
@@ -413,8 +411,8 @@ def _same_dataset(a, b, where):
     import xarray as xr
 
     def opened(path):
-        if path.suffix == ".zarr":  # the workflow writes no consolidated metadata
-            return xr.open_zarr(path, consolidated=False)
+        if path.suffix == ".zarr":
+            return xr.open_zarr(path)
         return xr.open_dataset(path)
 
     with opened(a) as left, opened(b) as right:

@@ -220,56 +220,64 @@ def test_evaluate_command_with_a_missing_checkpoint(stores, tmp_path, capsys):
     assert not out.exists()
 
 
-SPLIT_CASES = {
-    **{name: name for name in ("persistence", "stencil", "generator", "lcn", "condconv", "mlp")},
-    "cnn": ("cnn", {"hidden": [4]}),
-    "coordconv": ("coordconv", {"hidden": [4]}),
-    "convlcn": ("convlcn", {}),
-    **{
-        f"smoe-{gate}": ("smoe", {**PAPER_SMOE, "gate": gate})
-        for gate in ("latent", "fixed", "conv", "conv1", "coordconv", "lcn", "linear")
-    },
-    "smoe-hidden": ("smoe", {**PAPER_SMOE, "hidden_layers": [{"experts": 2, "filters": 2}]}),
-}
+def test_evaluation_batch_sizes_are_rounded_up_to_whole_chunks():
+    from smoe.families.heat.evaluate import EVALUATION_CHUNK, evaluation_batch_size
+
+    assert EVALUATION_CHUNK == 32
+    sizes = {b: evaluation_batch_size(b) for b in (1, 31, 32, 33, 256, 300)}
+    assert sizes == {1: 32, 31: 32, 32: 32, 33: 64, 256: 256, 300: 320}
 
 
-@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
-def test_models_said_to_split_exactly_give_the_same_outputs_in_chunks(case):
-    """Evaluation runs such models on chunks of 32 samples (faster on the CPU); their outputs
-    must be those of the whole batch bit for bit, on the paper's grid and evaluation batch."""
-    from smoe.families.heat.evaluate import FORWARD_CHUNK, splits_exactly
-
-    kind, options = SPLIT_CASES[case] if isinstance(SPLIT_CASES[case], tuple) else (case, {})
-    mask = np.load("tests/fixtures/paper_mask.npy")
-    torch.manual_seed(0)
-    model = build_model(
-        kind, options, 1, 64, 64, mask=mask, name=case, region_diffusivity=PARAMS.diffusivity
-    ).eval()
-    if not splits_exactly(model):
-        assert kind in ("lcn", "condconv", "mlp", "convlcn") or options["gate"] in ("lcn", "linear")
-        return
-    x = torch.rand(256, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        whole = model(x)
-        chunks = torch.cat([model(part) for part in x.split(FORWARD_CHUNK)])
-    assert torch.equal(whole, chunks)
-
-
-def test_chunked_evaluation_gives_the_metrics_and_routing_of_whole_batches(
-    trained, stores, monkeypatch
+@pytest.mark.parametrize("name", ["smoe", "worsening"])
+def test_metrics_routing_and_predictions_do_not_depend_on_the_evaluation_batch_size(
+    name, trained, stores, monkeypatch
 ):
+    """Chunks of 3 samples on the 16-sample split (a partial last chunk), loaded in batches of
+    1 (rounded up to 3), 5 (to 6), 7 (to 9) and all at once: one set of numbers, bit for bit.
+    Per-batch forward passes and sums would differ in their last digits on some CPUs."""
     from smoe.families.heat import evaluate
+    from smoe.families.heat.evaluate import RoutingTally
+    from smoe.nn.layer import smoe_layers
 
-    folder, _ = trained["smoe"]
+    monkeypatch.setattr(evaluate, "EVALUATION_CHUNK", 3)
+    folder, _ = trained[name]
+    saved = torch.load(folder / "best.pt", weights_only=False)
+    info = saved["data"]
+    model = build_model(
+        saved["spec"]["kind"],
+        saved["spec"]["options"],
+        info["in_channels"],
+        12,
+        10,
+        mask=info["mask"],
+        region_diffusivity=tuple(info["diffusivity"]),
+    ).eval()
+    model.load_state_dict(saved["model"])
+    dataset = HeatPairs(stores["val"], normalizer=Normalizer.from_dict(info["normalizer"]))
+    assert len(dataset) % 3 != 0
+    layers = smoe_layers(model)
     results = []
-    for chunk in (10**6, 3):  # one forward per batch; then chunks of 3 with a partial last one
-        monkeypatch.setattr(evaluate, "FORWARD_CHUNK", chunk)
-        results.append(evaluate_checkpoint(folder / "best.pt", stores["val"], device="cpu"))
-    whole, chunked = results
-    # oneDNN's convolution picks another kernel for batches of 64 and more on some CPUs
-    # (AVX-512: outputs 1 ulp apart); the workflow always evaluates the same way, so a
-    # metric is reproducible, and chunking moves it by float32 rounding at most
-    for name, value in whole["metrics"].items():
-        assert chunked["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
-    assert chunked["routing"] == whole["routing"]
-    assert whole["routing"]["agreement"] > 0
+    for batch_size in (1, 5, 7, 10**6):
+        tally = RoutingTally(layers[-1], dataset.mask) if layers else None
+        predictions = []
+        metrics = dataset_metrics(
+            model,
+            dataset,
+            torch.device("cpu"),
+            [0.01, 0.1],
+            [1.0, 2.0, 4.0],
+            batch_size,
+            tally,
+            predictions,
+        )
+        assert [len(p) for p in predictions] == [3] * (len(dataset) // 3) + [len(dataset) % 3]
+        routing = tally.summary() if tally else None
+        results.append((metrics, routing, torch.cat(predictions)))
+    first_metrics, first_routing, first_predictions = results[0]
+    for metrics, routing, predictions in results[1:]:
+        assert metrics == first_metrics
+        assert routing == first_routing
+        assert torch.equal(predictions, first_predictions)
+    assert (first_routing is not None) == (name == "smoe")
+    if first_routing is not None:
+        assert first_routing["agreement"] > 0

@@ -11,7 +11,7 @@ FAMILY_RULES["clusters"] = clusters
 
 rule cluster_data:
     output:
-        directory(f"{clusters.CLUSTER_DIR}/data/{{setting}}/{{split}}.zarr"),
+        clusters.cluster_store("{setting}", "{split}"),
     log:
         f"{RESULTS}/logs/clusters/data/{{setting}}_{{split}}.log",
     wildcard_constraints:
@@ -25,15 +25,16 @@ rule cluster_data:
     params:
         args=clusters.cluster_data_args,
     shell:
-        "smoe cluster-data {params.args} --split {wildcards.split} --out {output} > {log} 2>&1"
+        "smoe cluster-data {params.args} --split {wildcards.split} --out {output} "
+        "--overwrite > {log} 2>&1"
 
 
 rule cluster_train:
     """Every seed of one model on one setting, trained then evaluated in one job: a
     full-batch training takes seconds, about what starting PyTorch takes."""
     input:
-        train=f"{clusters.CLUSTER_DIR}/data/{{setting}}/train.zarr",
-        test=f"{clusters.CLUSTER_DIR}/data/{{setting}}/test.zarr",
+        train=clusters.cluster_store("{setting}", "train"),
+        test=clusters.cluster_store("{setting}", "test"),
     output:
         best=clusters.cluster_seed_outputs("models", "best.pt"),
         summary=clusters.cluster_seed_outputs("models", "train.json"),
@@ -120,7 +121,7 @@ rule cluster_figure_dispatch:
 
 rule cluster_figure_projection:
     input:
-        f"{clusters.CLUSTER_DIR}/data/{{setting}}/train.zarr",
+        clusters.cluster_store("{setting}", "train"),
     output:
         png=report(
             f"{clusters.CLUSTER_DIR}/figures/projection_{{setting}}.png",

@@ -14,7 +14,7 @@ rule gated_data:
     input:
         gated.gated_source_inputs,
     output:
-        directory(f"{gated.GATED_DIR}/data/{{split}}.zarr"),
+        gated.gated_store("{split}"),
     log:
         f"{RESULTS}/logs/gated/data/{{split}}.log",
     wildcard_constraints:
@@ -28,7 +28,8 @@ rule gated_data:
     params:
         args=gated.gated_data_args,
     shell:
-        "smoe gated-data {params.args} --split {wildcards.split} --out {output} > {log} 2>&1"
+        "smoe gated-data {params.args} --split {wildcards.split} --out {output} "
+        "--overwrite > {log} 2>&1"
 
 
 rule gated_train:

@@ -47,7 +47,7 @@ rule simulate:
     input:
         mask=rules.mask.output.mask,
     output:
-        directory(f"{RESULTS}/data/heat/{{split}}.zarr"),
+        heat.store_file("{split}"),
     log:
         f"{RESULTS}/logs/data/simulate_{{split}}.log",
     conda:
@@ -63,12 +63,12 @@ rule simulate:
         args=heat.simulate_args,
     shell:
         "smoe simulate --mask {input.mask} {params.args} --scheduler {resources.scheduler} "
-        "--workers {threads} --out {output} > {log} 2>&1"
+        "--workers {threads} --out {output} --overwrite > {log} 2>&1"
 
 
 rule export_netcdf:
     input:
-        f"{RESULTS}/data/heat/{{split}}.zarr",
+        heat.store_file("{split}"),
     output:
         f"{RESULTS}/data/heat/{{split}}.nc",
     log:

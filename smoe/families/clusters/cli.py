@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
     add_model_command,
+    add_store_output,
     add_table_command,
     check_seeds,
     seed_runs_outputs,
@@ -22,6 +22,7 @@ from smoe.core.cli import (
     training_summary,
 )
 from smoe.core.errors import InputError
+from smoe.core.zarr_store import store_argument
 
 
 def _add_cluster_data(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
@@ -50,7 +51,7 @@ def _add_cluster_data(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
         "--seed", type=seeds.data, required=True, help="seed of the data set (0 or more)"
     )
     p.add_argument("--split", choices=SPLITS, required=True, help="which split")
-    p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    add_store_output(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -203,7 +204,10 @@ def _add_cluster_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     add_evaluation_arguments(p, "smoe cluster-train")
     p.add_argument(
-        "--train-store", type=Path, required=True, help="train split (.zarr): dispatch entropy"
+        "--train-store",
+        type=store_argument,
+        required=True,
+        help="train split (.zarr): dispatch entropy",
     )
     p.set_defaults(run=_run_cluster_evaluate)
 

@@ -1,7 +1,7 @@
 """Zarr stores of the synthetic-cluster data: one store per split, written atomically.
 
 ``clusters.py`` knows arrays; this module knows files. A split (``train`` or ``test``) is
-one zarr v3 store (no consolidated metadata, like the heat stores) written with xarray under
+one zarr v3 store (its metadata consolidated, like the heat stores) written with xarray under
 ``<name>.partial`` and renamed into place only when complete. It holds
 
 - ``x(sample, patch, dim)`` float32, the inputs (already times ``scale``);
@@ -34,6 +34,7 @@ from smoe.core.provenance import array_digest
 from smoe.core.zarr_store import (
     check_store_folder,
     check_store_output,
+    consolidate,
     is_zarr_store,
     read_json_object,
 )
@@ -241,6 +242,7 @@ def write_cluster_split(
         encoding[name] = {"chunks": (chunk, *shape[1:]) if dims[0] == "sample" else shape}
     with atomic_directory(out) as partial:
         ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
+        consolidate(partial)
     return out
 
 

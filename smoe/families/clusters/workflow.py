@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any
 
+from smoe.core.workflow import store_head
 from smoe.families.clusters.config import (
     CLUSTER_SPLITS,
     cluster_data_overrides,
@@ -50,8 +51,12 @@ class ClusterRules:
             "model": "|".join(map(re.escape, self.CLUSTER_MODELS)) or "no-models",
         }
 
-    def cluster_store(self, setting, split):
+    def cluster_store_folder(self, setting, split):
         return f"{self.CLUSTER_DIR}/data/{setting}/{split}.zarr"
+
+    def cluster_store(self, setting, split):
+        """The file the rules declare for a store (see store_head)."""
+        return store_head(self.cluster_store_folder(setting, split))
 
     def cluster_data_targets(self):
         return [

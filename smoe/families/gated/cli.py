@@ -17,6 +17,7 @@ from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
     add_model_command,
+    add_store_output,
     add_table_command,
     check_seeds,
     seed_runs_outputs,
@@ -110,7 +111,7 @@ def _add_data(sub: argparse._SubParsersAction, seed_type) -> None:
         help="share of the train part held out for validation (default: the data set's: "
         "mnist5k 0.125, MNIST and Fashion-MNIST 1/6, CIFAR-10 0.2, digits 0.1)",
     )
-    p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    add_store_output(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(run=_run_data)
 

@@ -1,8 +1,8 @@
 """Zarr stores of the gated modular MoE family's image data: one store per split.
 
 ``images.py`` reads the datasets' own files; this module writes and reads the stores the
-workflow trains on. A split (``train``, ``val`` or ``test``) is one zarr v3 store (no
-consolidated metadata, like the heat and cluster stores) written with xarray under
+workflow trains on. A split (``train``, ``val`` or ``test``) is one zarr v3 store (its
+metadata consolidated, like the heat and cluster stores) written with xarray under
 ``<name>.partial`` and renamed into place only when complete. It holds
 
 - ``image(sample, y, x)`` (grey) or ``image(sample, y, x, channel)`` (colour) uint8 0..255;
@@ -43,6 +43,7 @@ from smoe.core.provenance import array_digest
 from smoe.core.zarr_store import (
     check_store_folder,
     check_store_output,
+    consolidate,
     is_zarr_store,
     read_json_object,
 )
@@ -309,6 +310,7 @@ def write_image_split(
     encoding = {name: {"chunks": (chunk, *ds[name].shape[1:])} for name in DTYPES}
     with atomic_directory(out) as partial:
         ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
+        consolidate(partial)
     return out
 
 

@@ -10,6 +10,7 @@ import shlex
 from typing import Any
 
 from smoe.core.config import spec_without_processes
+from smoe.core.workflow import store_head
 from smoe.families.gated.config import (
     gated_dependencies,
     gated_model_spec,
@@ -45,8 +46,12 @@ class GatedRules:
             "model": "|".join(map(re.escape, self.GATED["models"])) or "no-models",
         }
 
-    def gated_store(self, split):
+    def gated_store_folder(self, split):
         return f"{self.GATED_DIR}/data/{split}.zarr"
+
+    def gated_store(self, split):
+        """The file the rules declare for a store (see store_head)."""
+        return store_head(self.gated_store_folder(split))
 
     def _gated_metrics(self, models):
         return [

@@ -11,6 +11,7 @@ from smoe.core.cli import (
     Seeds,
     add_evaluation_arguments,
     add_model_command,
+    add_store_output,
     add_stores,
     add_table_command,
     positive,
@@ -19,6 +20,7 @@ from smoe.core.cli import (
     table_outputs,
     training_summary,
 )
+from smoe.core.zarr_store import store_argument
 
 
 def _add_mask(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
@@ -142,7 +144,7 @@ def _add_simulate(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
     )
     p.add_argument("--workers", type=int, default=1, help="dask workers (default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--out", type=Path, required=True, help="output store (name ends in .zarr)")
+    add_store_output(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -196,7 +198,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description="Copy a simulation store into one compressed netCDF4 file (CF attributes "
         "kept) for tools that read netCDF but not zarr.",
     )
-    p.add_argument("store", type=Path, help="input zarr store")
+    p.add_argument("store", type=store_argument, help="input zarr store")
     p.add_argument("out", type=Path, help="output netCDF file (.nc)")
     p.add_argument("--workers", type=positive, default=1, help="dask threads (default 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -95,66 +95,39 @@ def kernel_report(layer: SMoELayer, matching: dict[int, int], diffusivity) -> di
     }
 
 
-FORWARD_CHUNK = 32
-"""On the CPU, a model that :func:`splits_exactly` is run on chunks of this many samples of
-each evaluation batch: oneDNN's convolution costs several times more per sample on larger
-batches on these machines (the paper's expert layer: 0.55 ms for 32 samples, 20 ms for
-256), while a sample's output does not depend on the rest of its batch."""
-
-SPLIT_EXACT_MODULES = frozenset(
-    {
-        "Conv2d",
-        "CoordConv2d",
-        "AddCoords",
-        "BatchNorm2d",
-        "ReLU",
-        "Tanh",
-        "GELU",
-        "Identity",
-        "ModuleList",
-        "Sequential",
-        "ConvNet",
-        "CoordConvNet",
-        "SMoENet",
-        "SMoELayer",
-        "LatentGate",
-        "FixedGate",
-        "ConvGate",
-        "Conv1Gate",
-        "CoordConvGate",
-        "Persistence",
-        "StencilPredictor",
-        "GeneratorPredictor",
-    }
-)
-"""Layers whose output for a sample does not depend on the rest of its batch (evaluation
-mode: batch norm uses its running statistics). On some CPUs (AVX-512) oneDNN's convolution
-takes another kernel from a batch of 64 on, whose outputs differ in the last bit; every
-evaluation chunks the same way, so a metric is reproducible on a machine. Matrix products (linear
-layers, locally connected layers, CondConv's routing) are not listed: their blocking, and so
-their rounding, can change with the batch size. tests/train/test_evaluate.py checks every
-listed model kind."""
+EVALUATION_CHUNK = 32
+"""Evaluation runs and accumulates the metrics in chunks of this many samples, at offsets of
+the split that are multiples of it, whatever ``evaluate.batch_size`` says: a metric is then
+bit for bit the same for every batch size (a batch only says how many samples are loaded at
+once). A convolution's rounding for a sample can change with the size of the batch it is
+computed in (oneDNN picks its kernel by batch size, and that choice differs between CPUs),
+and a float64 sum of per-batch sums depends on where the batches break. On the CPU this is
+also the faster size: oneDNN's convolution costs several times more per sample on larger
+batches on these machines (the paper's expert layer: 0.55 ms for 32 samples, 20 ms for 256).
+On a GPU the model runs on the whole loaded batch (a chunk of 32 would idle it), and only
+the sums are taken per chunk."""
 
 
-def splits_exactly(model: nn.Module) -> bool:
-    """Whether ``model`` (in evaluation mode) gives the same outputs on chunks of a batch."""
-    return all(type(module).__name__ in SPLIT_EXACT_MODULES for module in model.modules())
+def evaluation_batch_size(batch_size: int) -> int:
+    """``batch_size`` rounded up to a whole number of :data:`EVALUATION_CHUNK` chunks, so that
+    every loaded batch starts at a chunk boundary of the split."""
+    return -(-batch_size // EVALUATION_CHUNK) * EVALUATION_CHUNK
 
 
-def _forward_chunks(model: nn.Module, x: torch.Tensor, tally: RoutingTally | None):
-    """``model(x)`` computed chunk by chunk where that is exact and faster (see
-    :data:`FORWARD_CHUNK`), the routing tally counting every chunk."""
-    if x.device.type != "cpu" or x.shape[0] <= FORWARD_CHUNK or not splits_exactly(model):
-        out = model(x)
-        if tally is not None:
-            tally.update()
-        return out
-    outputs = []
-    for chunk in x.split(FORWARD_CHUNK):
-        outputs.append(model(chunk))
-        if tally is not None:
-            tally.update()
-    return torch.cat(outputs)
+def _chunk_predictions(model: nn.Module, x: torch.Tensor, tally: RoutingTally | None):
+    """The model's outputs for one loaded batch, one tensor per chunk of
+    :data:`EVALUATION_CHUNK` samples; the routing tally counts every forward pass."""
+    if x.device.type == "cpu":
+        forwards = []
+        for chunk in x.split(EVALUATION_CHUNK):
+            forwards.append(model(chunk))
+            if tally is not None:
+                tally.update()  # reads the routing of the forward pass just run
+        return forwards
+    out = model(x)
+    if tally is not None:
+        tally.update()
+    return list(out.split(EVALUATION_CHUNK))
 
 
 @torch.no_grad()
@@ -172,19 +145,23 @@ def dataset_metrics(
     in float32 whatever precision the model trained in: a metric must not depend on how it
     was computed, and a time step of this data is finer than half precision resolves.
 
-    ``predictions``, when given, receives each batch's denormalised predictions (on the CPU,
-    in dataset order) so that evaluation and the prediction export share one pass.
+    ``predictions``, when given, receives each chunk's denormalised predictions (on the CPU,
+    in dataset order) so that evaluation and the prediction export share one pass. Runs in
+    chunks of :data:`EVALUATION_CHUNK` samples, so ``batch_size`` changes no metric.
     """
     accumulator = MetricAccumulator(dataset.mask, rtols, region_rtol_scale)
     normalizer = dataset.normalizer
     was_training = model.training
     model.eval()
-    for x, y in loader(dataset, batch_size, shuffle=False, generator=None):
+    batches = loader(dataset, evaluation_batch_size(batch_size), shuffle=False, generator=None)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
-        pred = normalizer.denormalize(_forward_chunks(model, x, tally).float())
-        accumulator.update(pred, normalizer.denormalize(y))
-        if predictions is not None:
-            predictions.append(pred.cpu())
+        chunks = _chunk_predictions(model, x, tally)
+        for out, target in zip(chunks, y.split(EVALUATION_CHUNK), strict=True):
+            pred = normalizer.denormalize(out.float())
+            accumulator.update(pred, normalizer.denormalize(target))
+            if predictions is not None:
+                predictions.append(pred.cpu())
     model.train(was_training)
     return accumulator.compute()
 

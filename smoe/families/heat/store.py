@@ -1,7 +1,7 @@
 """Zarr stores of simulated runs: layout, atomic writes, dask orchestration, netCDF export.
 
-``heat.py`` knows arrays; this module knows files. A split is one zarr v3 store (no
-consolidated metadata) holding the field ``u(run, time, y, x)`` as float32 plus everything
+``heat.py`` knows arrays; this module knows files. A split is one zarr v3 store (its
+metadata consolidated) holding the field ``u(run, time, y, x)`` as float32 plus everything
 needed to say how it was made. It is written under ``<name>.partial`` and renamed into place
 only when complete, so a killed job never leaves a store that looks finished.
 """
@@ -28,8 +28,10 @@ from smoe import __version__
 from smoe.core.atomic import atomic_directory, atomic_file
 from smoe.core.errors import InputError, one_line
 from smoe.core.zarr_store import (
+    SNAKEMAKE_TIMESTAMP,
     check_store_folder,
     check_store_output,
+    consolidate,
     is_zarr_store,
     read_json_object,
 )
@@ -299,6 +301,7 @@ def simulate_split(
             for start in range(0, runs, per_task)
         ]
         run_dask(tasks, scheduler, workers, progress, f"simulate {split}", client=client)
+        consolidate(partial)
     return out
 
 
@@ -447,14 +450,10 @@ def run_dask(work, scheduler: str, workers: int, progress: bool, description: st
     return dask.compute(work, scheduler=scheduler, num_workers=workers)[0]
 
 
-# Snakemake marks a finished directory output with this empty file at its top level. Inside
-# a store it is no part of the zarr hierarchy, and zarr would warn about it on every open.
-SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
-
-
 class WorkflowStore(WrapperStore):
-    """A store as the workflow leaves it: Snakemake's timestamp file is left out of its
-    listings, and nothing else (zarr still reports any other foreign file)."""
+    """A store as an earlier version of the workflow left it, Snakemake's timestamp file at
+    its top (the rules declared the folder, not its root metadata): that file is left out of
+    the listings, and nothing else (zarr still reports any other foreign file)."""
 
     async def list(self):
         async for key in self._store.list():

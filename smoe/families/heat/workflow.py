@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from smoe.core.config import spec_without_processes
+from smoe.core.workflow import store_head
 from smoe.families.heat.choices import chunk_runs, task_runs
 from smoe.families.heat.config import SPLITS, Config, model_spec, models_to_run
 
@@ -28,8 +29,12 @@ class HeatRules:
     def mask_file(self):
         return f"{self.RESULTS}/data/mask.npy"
 
-    def store_file(self, split):
+    def store_folder(self, split):
         return f"{self.RESULTS}/data/heat/{split}.zarr"
+
+    def store_file(self, split):
+        """The file the rules declare for a store (see store_head)."""
+        return store_head(self.store_folder(split))
 
     def netcdf_file(self, split):
         return f"{self.RESULTS}/data/heat/{split}.nc"
