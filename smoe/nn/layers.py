@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.nn.local import LocalCorrelation
+
 
 class LocallyConnected2d(nn.Module):
     """A convolution whose weights differ at every output location ("LCN").
@@ -49,6 +51,15 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(
                 f"LocallyConnected2d built for {self.height}x{self.width}, got {height}x{width}"
             )
+        if (
+            x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            out = LocalCorrelation.apply(x, self.weight, self.kernel_size)
+            if self.bias is not None:
+                out = out + self.bias.view(1, self.out_channels, height, width)
+            return out
         patches = F.unfold(x, self.kernel_size, padding=self.kernel_size // 2)  # [B, C*k*k, HW]
         out = torch.einsum("bpl,opl->bol", patches, self.weight.to(patches.dtype))
         if self.bias is not None:

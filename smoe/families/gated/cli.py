@@ -88,8 +88,7 @@ def _share(text: str) -> float:
 
 
 def _add_data(sub: argparse._SubParsersAction, seed_type) -> None:
-    from smoe.families.gated.images import DATASETS
-    from smoe.families.gated.store import SPLITS
+    from smoe.families.gated.images import DATASETS, SPLITS
 
     p = sub.add_parser(
         "gated-data",

@@ -41,6 +41,7 @@ import numpy as np
 from smoe.core.errors import InputError, one_line
 
 DATASETS = ("mnist5k", "digits", "mnist", "fashion-mnist", "cifar10")
+SPLITS = ("train", "val", "test")
 """Dataset names the readers know."""
 
 EMBEDDED = ("mnist5k", "digits")

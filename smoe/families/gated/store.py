@@ -56,13 +56,13 @@ from smoe.families.gated.images import (
     MNIST5K_FILE,
     MNIST5K_TEST_PER_CLASS,
     MNIST5K_TEST_SEED,
+    SPLITS,
     check_dataset,
     file_sha256,
     mnist5k_file,
     read_part,
 )
 
-SPLITS = ("train", "val", "test")
 SAMPLE_CHUNK = 4096
 """Samples per stored chunk: 3 MB of MNIST, 12 MB of CIFAR-10."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.core.errors import InputError
-from smoe.families.heat.simulation import BOUNDARIES
+from smoe.families.heat.choices import BOUNDARIES
 
 
 def diffusion_step(u: torch.Tensor, diffusivity: torch.Tensor, boundary: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Store options: accepted names and chunk sizes, without heavy imports.
+"""Simulation and store options: accepted names and chunk sizes, without heavy imports.
 
 The CLI lists the names and the workflow sizes job resources from the chunking at parse
 time, so this module imports nothing beyond the standard library.
@@ -8,6 +8,8 @@ import math
 import re
 
 COMPRESSIONS = ("lz4", "zstd", "none")
+BOUNDARIES = ("zero", "wrap")
+INIT_KINDS = ("uniform", "zero")
 SCHEDULERS = ("threads", "processes", "synchronous", "distributed")
 SCHEDULER_ADDRESS = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})/?$")
 """A running dask scheduler's address, ``tcp://HOST:PORT`` (an IPv6 host in brackets); the

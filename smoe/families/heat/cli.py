@@ -67,8 +67,7 @@ def _run_mask(args: argparse.Namespace) -> None:
 
 
 def _add_simulate(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
-    from smoe.families.heat.choices import COMPRESSIONS, SCHEDULERS
-    from smoe.families.heat.simulation import BOUNDARIES, INIT_KINDS
+    from smoe.families.heat.choices import BOUNDARIES, COMPRESSIONS, INIT_KINDS, SCHEDULERS
 
     p = sub.add_parser(
         "simulate",

@@ -29,6 +29,7 @@ import numpy as np
 
 from smoe.core.errors import InputError
 from smoe.families.heat import heat_loop
+from smoe.families.heat.choices import BOUNDARIES, INIT_KINDS
 
 MAX_SOURCES = 3
 """Sources per region type are drawn from 1..MAX_SOURCES."""
@@ -37,8 +38,6 @@ STABLE_DIFFUSIVITY = 0.25
 """The explicit 5-point scheme is stable for 0 <= a <= 0.25."""
 
 DEFAULT_INIT_RANGE = (0.0, 0.1)
-BOUNDARIES = ("zero", "wrap")
-INIT_KINDS = ("uniform", "zero")
 
 
 @dataclass(frozen=True)
