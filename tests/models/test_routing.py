@@ -272,3 +272,72 @@ def test_a_loss_scale_changes_no_selection_damping_or_gradient(use_scaler, devic
     assert grads1.keys() == grads_s.keys() == {"layers.0.experts.weight", "layers.0.gate.logits"}
     for name in grads1:
         assert torch.equal(grads1[name], grads_s[name]), name
+
+
+@pytest.mark.parametrize("data", ["random", "heat"])
+def test_a_fresh_scalers_first_steps_are_the_unscaled_steps(data, monkeypatch):
+    """The paper's layer on 8 fields of 64 x 64 (32,768 points): unscaled, the CPU backward
+    takes the compiled loop; under a fresh ``GradScaler`` (its scale made on the first
+    forward, 2**16) the torch path divides by the scale. Three training steps each: the
+    same selections, RC loss, misrouted share and unscaled gradients, bit for bit."""
+    import numpy as np
+
+    from smoe.families.heat.registry import build_model
+    from smoe.nn.layer import SMoENet, set_loss_scale
+
+    mask = np.load("tests/fixtures/paper_mask.npy")
+    generator = build_model(
+        "generator", {}, 1, 64, 64, mask=mask, region_diffusivity=(0.0025, 0.025, 0.25)
+    )
+
+    def steps(scaler):
+        torch.manual_seed(0)
+        model = SMoENet(
+            1, 64, 64, gate="latent", experts=3, k=1, rc_loss=True, damping=True, quantile=0.3
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if scaler is not None:
+            set_loss_scale(model, scaler)
+        g = torch.Generator().manual_seed(1)
+        seen = []
+        for _ in range(3):
+            x = torch.rand(8, 1, 64, 64, generator=g)
+            if data == "heat":  # a cool field with hot spots, one true diffusion step
+                x = 0.1 * x + (torch.rand(8, 1, 64, 64, generator=g) > 0.995).float()
+                with torch.no_grad():
+                    y = generator(x)
+            else:
+                y = torch.rand(8, 1, 64, 64, generator=g)
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+            stats = {key: float(value) for key, value in model.final.stats.items()}
+            grads = [p.grad.clone() for p in model.parameters()]
+            seen.append((model.final.last_selection.clone(), stats, grads))
+        return seen
+
+    from smoe.nn import routing_cpu
+
+    compiled_loops = []
+    loop = routing_cpu.top1_shared_backward
+    monkeypatch.setattr(
+        routing_cpu,
+        "top1_shared_backward",
+        lambda *args: compiled_loops.append(1) or loop(*args),
+    )
+    plain = steps(None)
+    assert len(compiled_loops) == 3  # every unscaled step took the compiled loop
+    scaled = steps(torch.amp.GradScaler("cpu"))
+    assert len(compiled_loops) == 3
+    for (idx, stats, grads), (idx_s, stats_s, grads_s) in zip(plain, scaled, strict=True):
+        assert torch.equal(idx, idx_s)
+        assert stats == stats_s and 0 < stats["misrouted_fraction"] < 1
+        for grad, grad_s in zip(grads, grads_s, strict=True):
+            assert torch.equal(grad, grad_s)
