@@ -49,8 +49,9 @@ def make_data(work: Path) -> Path:
     """The paper's stores, made once by the workflow's own rules (results under ``work``)."""
     results = work / "results"
     data = results / "data" / "heat"
-    targets = [str(data / f"{split}.zarr") for split in ("train", "val", "test")]
-    if not all((Path(target) / "zarr.json").exists() for target in targets):
+    # a store's target is its root zarr.json, the file its rule declares
+    targets = [str(data / f"{split}.zarr" / "zarr.json") for split in ("train", "val", "test")]
+    if not all(Path(target).exists() for target in targets):
         print("making the paper's stores (1000 + 20 + 20 runs) ...", flush=True)
         run(
             [

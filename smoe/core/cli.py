@@ -78,9 +78,11 @@ def relaunch_under_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> in
     """With ``--processes N`` > 1 outside torchrun, run this very command line on N
     processes (``torchrun --standalone``) and return its exit status; None to go on here.
     Under torchrun, ``--processes`` must be the number torchrun started."""
+    processes = getattr(args, "processes", 1)
+    if processes == 1 and "WORLD_SIZE" not in os.environ:
+        return None  # before importing PyTorch: most commands never need it
     from smoe.core.train.distributed import launched, smoe_command
 
-    processes = getattr(args, "processes", 1)
     world = launched()
     if "WORLD_SIZE" in os.environ:
         if processes not in (1, world.size):

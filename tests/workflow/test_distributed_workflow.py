@@ -21,7 +21,7 @@ def test_data_stage_on_a_dask_cluster(repo, tmp_path):
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster:
         address = cluster.scheduler_address
-        targets = [f"results/test/data/heat/{split}.zarr" for split in SPLITS]
+        targets = [f"results/test/data/heat/{split}.zarr/zarr.json" for split in SPLITS]
         result = run_snakemake(
             repo, tmp_path, *targets, "--config", f"compute={{scheduler: {address}}}"
         )

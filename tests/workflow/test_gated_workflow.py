@@ -153,7 +153,8 @@ def test_an_mnist_folder_is_converted_into_stores(repo, tmp_path):
     configfile = tmp_path / "mnist.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     stores = [f"{GATED}/data/{split}.zarr" for split in ("train", "val", "test")]
-    result = run_snakemake(repo, tmp_path, *stores, configfile=configfile)
+    heads = [f"{store}/zarr.json" for store in stores]  # a store's declared output
+    result = run_snakemake(repo, tmp_path, *heads, configfile=configfile)
     assert result.returncode == 0, result.stderr[-3000:]
     sizes = [len(open_image_split(tmp_path / store)) for store in stores]
     assert sizes == [24, 6, 10]

@@ -16,6 +16,7 @@ rule cluster_data:
         f"{RESULTS}/logs/clusters/data/{{setting}}_{{split}}.log",
     wildcard_constraints:
         **clusters.CLUSTER_WILDCARDS,
+    priority: 15
     conda:
         SMOE_ENV
     threads: 1
@@ -44,6 +45,7 @@ rule cluster_train:
         f"{RESULTS}/logs/clusters/train/{{setting}}_{{model}}.log",
     wildcard_constraints:
         **clusters.CLUSTER_WILDCARDS,
+    priority: 10
     conda:
         SMOE_ENV
     threads: clusters.cluster_train_threads

@@ -31,6 +31,8 @@ rule mask:
         ),
     log:
         f"{RESULTS}/logs/data/mask.log",
+    # the heat data feeds the longest trainings: made first
+    priority: 40
     conda:
         SMOE_ENV
     threads: 1
@@ -50,6 +52,7 @@ rule simulate:
         heat.store_file("{split}"),
     log:
         f"{RESULTS}/logs/data/simulate_{{split}}.log",
+    priority: 40
     conda:
         SMOE_ENV
     threads: heat.CFG.threads
@@ -93,6 +96,8 @@ rule train:
         history=f"{RESULTS}/models/{{model}}/seed{{seed}}/history.csv",
     log:
         f"{RESULTS}/logs/train/{{model}}_seed{{seed}}.log",
+    # the longest jobs start first, so no training runs alone at the end
+    priority: 30
     conda:
         SMOE_ENV
     threads: heat.train_threads
