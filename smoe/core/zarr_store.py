@@ -54,6 +54,16 @@ def consolidate(path: str | Path) -> None:
         zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
+def finish_store(path: str | Path) -> None:
+    """The last step of every store writer: record each chunk file's size and CRC-32 in the
+    root attributes (:mod:`smoe.core.chunk_sums`, so damage to a chunk is seen before a job
+    reads it), then :func:`consolidate` the metadata."""
+    from smoe.core.chunk_sums import record_chunk_sums
+
+    record_chunk_sums(path)
+    consolidate(path)
+
+
 def is_zarr_store(path: str | Path) -> bool:
     """Whether ``path`` is a folder whose top-level ``zarr.json`` describes a zarr group."""
     meta = read_json_object(Path(path) / "zarr.json") if Path(path).is_dir() else None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
+from smoe.core.chunk_sums import record_chunk_sums
 from smoe.families.heat.mask import generate_mask
 from smoe.families.heat.simulation import (
     HeatParams,
@@ -158,27 +159,28 @@ CONFIGS = {
 # SHA-256 computed with the code before the speed-up: of the frames (float32, C order); of
 # the stores' files (path -> sha256 as sorted JSON, the root zarr.json without its
 # "source" attribute, which names the smoe version); of the field's chunk files alone. The
-# store sums were retaken when the stores gained consolidated root metadata (the chunk sums
-# did not change).
+# store sums were retaken when the stores gained consolidated root metadata, and again when
+# the root zarr.json gained the record of every chunk file's size and CRC-32 (attribute
+# smoe_chunk_sums, smoe.core.chunk_sums); the chunk sums did not change either time.
 FROZEN = {
     "paper": {
         "frames": "31618f3431aec93354ab0270c4ac19b25f2a59109eb836092005caa1b4ef2938",
-        "store": "866a4fdb4bef9696f310e019622ddb8845d5130c8d0675dd811494ab7e6548a9",
+        "store": "ef9d8c46306027adfc104f7193ea1cd98e729530d20abff2a3e21d5d3110b15a",
         "field_chunks": "b3b8889bdf611a1c26d016d21f0df887200f85588a343ff973bd3124eccd73e3",
     },
     "wrap-clip-negative-rate": {
         "frames": "9109731b2e202838e7b7b5c4360711024ead3c848638dc507183553a7a1e020d",
-        "store": "c513ed9c5ddbbe7be388b80579386e4cde25c37f8469dcdeadab3ebbc0ea40fe",
+        "store": "14531da7e1c8652a1a3fe440fd865001ea8ed5e4caac58dbe0ba3c16dea569a5",
         "field_chunks": "2fb14a7848719dee100f07ba78cdec9e7a888caa88e0b8cb10f036c5db6e3c9b",
     },
     "zero-init-rate-ranges": {
         "frames": "682f34b420f670ddf0c0ebea25e69f4d2742adee853bfaac791b1d806bc2c394",
-        "store": "1937d7ac148f5a7d6c2d103c800bf46076d861c23af375bd940b22e3f4eeb65c",
+        "store": "f3a89d2c2c50c1cb38bcadeecaecdf29672dff1cc1cf45663031fe1234034ed3",
         "field_chunks": "651d51541b4dea58f44a0a67fa93a76b00fc92a6cfb70d8efd0c29e94adf16fe",
     },
     "ranges-clip-negative": {
         "frames": "31c7eb9b4ad31adee447e2ea1389390680ee49abb6538480344a9aaa9bd4eb09",
-        "store": "a48e1e7363d9ea015512466a854334c4e750b5976b1fa9e8c827cd84a20b595a",
+        "store": "a1ba7eff4a32e9dba77dc099b40540497b4118a219b5116e2772b034e7449f63",
         "field_chunks": "aa0dd174aada98301eb61d79d8e983d96e5944293bdc78680609e59b699f7ec0",
     },
 }
@@ -219,8 +221,8 @@ def test_frames_equal_the_frozen_sums(name):
 
 def _reference_store(mask, params, seed, runs, per_chunk, out: Path, compression="lz4") -> None:
     """The store written the plain way: xarray's metadata, then the whole field at once
-    through zarr's default write path, frames from the reference kernel, then zarr's
-    consolidation of the metadata into the root zarr.json."""
+    through zarr's default write path, frames from the reference kernel, then the record of
+    the chunks' sums and zarr's consolidation of the metadata into the root zarr.json."""
     plan = plan_runs(mask, params, seed, runs)
     attrs = store_attrs(params, "train", seed, runs, "")
     ds = heat_dataset(mask, params, plan, per_chunk, attrs)
@@ -228,6 +230,7 @@ def _reference_store(mask, params, seed, runs, per_chunk, out: Path, compression
     ds.to_zarr(out, mode="w-", zarr_format=3, consolidated=False, encoding=encoding, compute=False)
     initial = initial_fields(mask, params, plan)
     zarr.open_array(out / "u", mode="r+")[:] = _reference_simulate(initial, mask, params, plan)
+    record_chunk_sums(out)  # each chunk file's size and CRC-32, as every store writer records
     with pytest.warns(UserWarning, match="Consolidated metadata"):  # zarr's own, on v3
         zarr.consolidate_metadata(str(out), zarr_format=3)
 

@@ -29,12 +29,13 @@ import xarray as xr
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory
+from smoe.core.chunk_sums import without_chunk_sums
 from smoe.core.errors import InputError, one_line
 from smoe.core.provenance import array_digest
 from smoe.core.zarr_store import (
     check_store_folder,
     check_store_output,
-    consolidate,
+    finish_store,
     is_zarr_store,
     read_json_object,
 )
@@ -242,7 +243,7 @@ def write_cluster_split(
         encoding[name] = {"chunks": (chunk, *shape[1:]) if dims[0] == "sample" else shape}
     with atomic_directory(out) as partial:
         ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
-        consolidate(partial)
+        finish_store(partial)
     return out
 
 
@@ -370,7 +371,12 @@ def open_cluster_split(path: str | Path) -> ClusterData:
                 f"store {name}: array {variable!r} holds values outside 0..{high - 1}; {hint}"
             )
     return ClusterData(
-        path=path, split=split, seed=seed, setting=setting, attrs=dict(attrs), **arrays
+        path=path,
+        split=split,
+        seed=seed,
+        setting=setting,
+        attrs=without_chunk_sums(attrs),
+        **arrays,
     )
 
 

@@ -38,12 +38,13 @@ import xarray as xr
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory
+from smoe.core.chunk_sums import without_chunk_sums
 from smoe.core.errors import InputError, one_line
 from smoe.core.provenance import array_digest
 from smoe.core.zarr_store import (
     check_store_folder,
     check_store_output,
-    consolidate,
+    finish_store,
     is_zarr_store,
     read_json_object,
 )
@@ -310,7 +311,7 @@ def write_image_split(
     encoding = {name: {"chunks": (chunk, *ds[name].shape[1:])} for name in DTYPES}
     with atomic_directory(out) as partial:
         ds.to_zarr(partial, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
-        consolidate(partial)
+        finish_store(partial)
     return out
 
 
@@ -439,7 +440,7 @@ def open_image_split(path: str | Path) -> ImageData:
         split=record["split"],
         seed=record["seed"],
         val_fraction=float(record["val_fraction"]),
-        attrs=dict(attrs),
+        attrs=without_chunk_sums(attrs),
         **arrays,
     )
 

@@ -26,12 +26,13 @@ from zarr.storage import LocalStore, WrapperStore
 
 from smoe import __version__
 from smoe.core.atomic import atomic_directory, atomic_file
+from smoe.core.chunk_sums import CHUNK_SUMS
 from smoe.core.errors import InputError, one_line
 from smoe.core.zarr_store import (
     SNAKEMAKE_TIMESTAMP,
     check_store_folder,
     check_store_output,
-    consolidate,
+    finish_store,
     is_zarr_store,
     read_json_object,
 )
@@ -301,7 +302,7 @@ def simulate_split(
             for start in range(0, runs, per_task)
         ]
         run_dask(tasks, scheduler, workers, progress, f"simulate {split}", client=client)
-        consolidate(partial)
+        finish_store(partial)
     return out
 
 
@@ -635,7 +636,9 @@ def open_store(path: str | Path) -> xr.Dataset:
             # A map of one region type is all zeros, the fill value: zarr does not write it.
             _check_chunks(path, "mask", arrays["mask"])
         store = WorkflowStore(LocalStore(path, read_only=True))
-        return xr.open_zarr(store, consolidated=False)
+        ds = xr.open_zarr(store, consolidated=False)
+        ds.attrs.pop(CHUNK_SUMS, None)  # the files' record, not the data's: exports omit it
+        return ds
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - zarr and xarray raise many types for bad stores
