@@ -260,6 +260,15 @@ def test_check_source_refuses_a_truncated_file_without_reading_it_all(tmp_path, 
         check_source("mnist", tmp_path)
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_check_source_reads_the_small_label_files_whole_for_their_range(tmp_path, gz):
+    make_mnist(tmp_path, gz=gz)
+    labels = np.array([0, 1, 10, 3, 255], dtype=np.uint8)
+    path = write(tmp_path / "t10k-labels-idx1-ubyte", idx_labels(labels), gz)
+    with pytest.raises(InputError, match=rf"{path.name}': labels must lie in 0..9, found 0..255"):
+        check_source("fashion-mnist", tmp_path)
+
+
 def test_check_source_names_wrong_magic_shape_and_counts(tmp_path):
     make_mnist(tmp_path)
     write(tmp_path / "t10k-labels-idx1-ubyte", idx_images(np.zeros((5, 28, 28))))

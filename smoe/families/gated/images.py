@@ -469,9 +469,11 @@ def _check_idx(path: Path, magic: int, ndim: int) -> tuple[int, ...]:
 def check_source(dataset: str, folder: str | Path | None) -> list[Path]:
     """The files a dataset is converted from, checked as far as can be done in a moment:
     present, of the right kind and magic number, of the declared size, images of the right
-    shape and as many labels as images (CIFAR-10: complete pickles). Returns the files (none
-    for digits). InputError names the folder, the file and what is wrong; a damaged body
-    that passes these checks is still refused, naming the file, by the conversion."""
+    shape, as many labels as images and every label in 0..9 (a label file is small: it is
+    read whole); CIFAR-10: complete pickles. Returns the files (none for digits). InputError
+    names the folder, the file and what is wrong. A damaged body that passes these checks
+    is refused, naming the file, by the workflow's check before a conversion job starts
+    (:mod:`smoe.families.gated.source_check`) and by the conversion itself."""
     check_dataset(dataset)
     if dataset == "mnist5k":
         mnist5k_file()
@@ -496,7 +498,7 @@ def check_source(dataset: str, folder: str | Path | None) -> list[Path]:
                 f"file {str(images_file)!r} holds images of {dims[1]} x {dims[2]}, expected "
                 f"{MNIST_SIZE[0]} x {MNIST_SIZE[1]} for {dataset}"
             )
-        (labels,) = _check_idx(labels_file, IDX_LABELS_MAGIC, 1)
+        labels = len(read_idx_labels(labels_file))
         if labels != dims[0]:
             raise InputError(
                 f"{dataset} {part} part: file {str(labels_file)!r} holds {labels} labels but "
