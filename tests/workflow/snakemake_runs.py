@@ -125,3 +125,27 @@ def built_workdir(repo, tmp_path_factory, target: str):
     result = run_snakemake(repo, workdir, target)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
+
+
+def idx(array, magic: int) -> bytes:
+    """An array as an IDX file's bytes (magic number, dimensions, unsigned bytes)."""
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.astype("uint8").tobytes()
+
+
+def mnist_folder(folder, n_train=30, n_test=10):
+    """A small MNIST folder in the exact IDX format, gzipped as it is downloaded."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
+            handle.write(idx(images, 2051))
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(idx(labels, 2049))
+    return folder

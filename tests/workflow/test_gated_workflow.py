@@ -20,6 +20,8 @@ import yaml
 from snakemake_runs import (
     built_workdir,
     check_family_report,
+    idx,
+    mnist_folder,
     rules_when_enabled,
     run_snakemake,
     snapshot,
@@ -125,25 +127,6 @@ def test_enabled_puts_the_family_into_rule_all(repo, tmp_path):
     rules = rules_when_enabled(repo, tmp_path, "gated")
     assert {"gated_data", "gated_train", "gated_aggregate", "gated_figure_routing"} <= rules
     assert {"gated_figure_accuracy_usage", "train", "aggregate", "provenance"} <= rules
-
-
-def idx(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def mnist_folder(folder, n_train=30, n_test=10):
-    """A small MNIST folder in the exact IDX format, gzipped as it is downloaded."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n, dtype=np.uint8) % 10
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
-            handle.write(idx(images, 2051))
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
-            handle.write(idx(labels, 2049))
-    return folder
 
 
 def test_an_mnist_folder_is_converted_into_stores(repo, tmp_path):

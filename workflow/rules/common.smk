@@ -12,6 +12,7 @@ sys.path.insert(0, workflow.basedir)  # the smoe package beside the Snakefile
 
 from smoe.config import stale_outputs, validate_config
 from smoe.core.errors import InputError
+from smoe.core.integrity import check_planned_run
 from smoe.core.workflow import gpu_check, planned_executor
 from smoe.families import NAMES as FAMILY_NAMES, family
 
@@ -39,6 +40,25 @@ if _stale:
     raise WorkflowError(
         "outputs on disk no longer match how they were made:\n  " + "\n  ".join(_stale)
     )
+
+INPUT_CHECKS = {}
+"""A rule's own check of its inputs (rule name -> check), set by the family rule files; other
+inputs are checked by their kind (smoe.core.integrity)."""
+
+
+# Called for a real run (not -n) once the jobs are planned, before any job starts and before
+# Snakemake deletes any old output: a damaged input of a job that would run ends the run here,
+# with one line per file, and nothing is deleted.
+onstart:
+    if workflow.exec_mode.name == "DEFAULT" and not check_planned_run(
+        workflow.dag,
+        INPUT_CHECKS,
+        warn=lambda line: logger.warning(f"warning: {line}"),
+        error=logger.error,
+    ):
+        raise SystemExit(1)
+
+
 RESULTS = str(config["results"])
 SMOE_ENV = "../../envs/smoe.yaml"
 

@@ -8,6 +8,7 @@ from smoe.families.gated.workflow import GatedRules
 gated = GatedRules(config, RESULTS)
 GATED_TITLE = family_title("gated")
 FAMILY_RULES["gated"] = gated
+INPUT_CHECKS.update(gated.input_checks())
 
 
 rule gated_data:

@@ -17,6 +17,7 @@ from smoe.families.gated.config import (
     gated_models_to_run,
     gated_source_files,
 )
+from smoe.families.gated.source_check import source_problem
 
 
 class GatedRules:
@@ -95,6 +96,12 @@ class GatedRules:
     def gated_source_inputs(self, wildcards):
         """The data set's files (MNIST IDX, CIFAR batches): editing them rebuilds the stores."""
         return [str(path) for path in gated_source_files(self.config)]
+
+    def input_checks(self):
+        """The conversion's source files are read whole before the job starts (rule name ->
+        check, for smoe.core.integrity): a damaged one is refused before the store it would
+        rebuild is deleted."""
+        return {"gated_data": source_problem}
 
     def gated_data_args(self, wildcards):
         data = self.GATED["data"]
