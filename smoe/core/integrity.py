@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from smoe.core.errors import describe_os_error
 from smoe.core.file_checks import (
     Check,
     checkpoint_problem,
@@ -71,14 +72,18 @@ def planned_jobs(dag) -> list[PlannedJob]:
 
 def input_problem(path: Path, check: Check | None = None) -> str | None:
     """What is wrong with one input (None: it looks whole); ``check`` replaces the check of
-    its kind. A store's root ``zarr.json`` stands for the whole store."""
-    if check is not None:
-        return check(path)
-    if path.name == STORE_HEAD:
-        problems = store_problems(path.parent)
-        return summary(problems) if problems else None
-    kind = BY_SUFFIX.get(path.suffix)
-    return kind(path) if kind else None
+    its kind. A store's root ``zarr.json`` stands for the whole store. A file or folder this
+    user cannot read is refused too: its job could not read it either."""
+    try:
+        if check is not None:
+            return check(path)
+        if path.name == STORE_HEAD:
+            problems = store_problems(path.parent)
+            return summary(problems) if problems else None
+        kind = BY_SUFFIX.get(path.suffix)
+        return kind(path) if kind else None
+    except OSError as exc:
+        return f"cannot be read ({describe_os_error(exc)})"
 
 
 def regenerate(path: str, made: bool) -> str:

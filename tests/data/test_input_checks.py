@@ -209,6 +209,14 @@ def test_only_inputs_this_run_reads_without_rewriting_are_checked_each_once(tmp_
     )
 
 
+def test_an_input_that_cannot_be_read_is_refused_naming_the_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "e.nc").mkdir()  # a folder where the export is expected
+    job = PlannedJob("figure", ("e.nc",), ("f.png",), frozenset({"e.nc"}))
+    (line,) = damaged_inputs([job], {})
+    assert line.startswith("damaged input e.nc: cannot be read (cannot use 'e.nc': Is a directory)")
+
+
 def test_a_damaged_store_is_named_with_the_command_that_rebuilds_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "train.zarr")
