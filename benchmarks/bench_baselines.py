@@ -59,7 +59,7 @@ def step_flops(model, x) -> int:
         m.register_forward_hook(record)
         for m in model.modules()
         if type(m).__name__
-        in ("Conv2d", "FastInputGradConv2d", "CoordConv2d", "LocallyConnected2d")
+        in ("Conv2d", "DirectConv2d", "CoordConv2d", "LocallyConnected2d")
     ]
     with torch.no_grad():
         model(x)

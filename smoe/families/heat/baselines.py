@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.nn.conv import FastInputGradConv2d
+from smoe.nn.conv import DirectConv2d
 from smoe.nn.layers import AddCoords, LocallyConnected2d, coordinate_channels, make_activation
 
 INITS = ("reference", "pytorch")
@@ -160,13 +160,13 @@ class ConvNet(nn.Sequential):
         _check_kernel_size(kernel_size)
 
         def conv(cin: int, cout: int) -> nn.Module:
-            return FastInputGradConv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=bias)
+            return DirectConv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=bias)
 
         widths = _widths(in_channels, hidden)
         super().__init__(*_layer_stack(widths, conv, batchnorm, activation, init))
 
 
-class CoordConv2d(FastInputGradConv2d):
+class CoordConv2d(DirectConv2d):
     """A "same" convolution that also sees each point's (row, column), both in [-1, 1].
 
     Built for ``in_channels`` input channels; its weight has two more (the coordinates), which
@@ -290,7 +290,7 @@ class ConvLCN(nn.Sequential):
         _check_kernel_size(lcn_kernel_size, "lcn_kernel_size")
         _check_choice("init", init, INITS)
         conv_in, conv_out, _ = _widths(in_channels, [hidden])
-        conv = FastInputGradConv2d(
+        conv = DirectConv2d(
             conv_in, conv_out, kernel_size, padding=kernel_size // 2, bias=bias
         )
         local = LocallyConnected2d(conv_out, 1, height, width, lcn_kernel_size, bias=bias)
