@@ -144,6 +144,7 @@ class _DirectConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
         padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0])).contiguous()
+        weight = weight.detach().contiguous()  # a slice of a layer's weight is one too
         out = _correlate_padded(padded, weight)
         if bias is not None:
             out += bias.detach().view(1, -1, 1, 1)
@@ -165,7 +166,7 @@ class _DirectConv(torch.autograd.Function):
             grad_input = correlate(grad_out, weight.flip(2, 3).transpose(0, 1), full)
         if needs_weight:
             partial = padded.new_empty(*weight.shape, grad_out.shape[3])
-            grad_weight = torch.empty_like(weight)
+            grad_weight = weight.new_empty(weight.shape)
             _weight_gradient(
                 padded.numpy(), grad_out.numpy(), partial.numpy(), grad_weight.numpy()
             )
@@ -233,14 +234,21 @@ class DirectConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_path(x):
             return super().forward(x)
-        padding = tuple(self.padding)
-        if compiled.available():
-            if torch.is_grad_enabled():
-                return _DirectConv.apply(x, self.weight, self.bias, padding)
-            out = correlate(x, self.weight, padding)
-            if self.bias is not None:
-                out += self.bias.view(1, -1, 1, 1)
-            return out
-        if not torch.is_grad_enabled():
-            return super().forward(x)
-        return _FastInputGradConv.apply(x, self.weight, self.bias, padding)
+        return direct_conv2d(x, self.weight, self.bias, tuple(self.padding))
+
+
+def direct_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, float32, CPU) as the direct
+    loops, with or without autograd; oneDNN's sums where numba is missing."""
+    if compiled.available():
+        if torch.is_grad_enabled():
+            return _DirectConv.apply(x, weight, bias, padding)
+        out = correlate(x, weight, padding)
+        if bias is not None:
+            out += bias.view(1, -1, 1, 1)
+        return out
+    if not torch.is_grad_enabled():
+        return F.conv2d(x, weight, bias, padding=padding)
+    return _FastInputGradConv.apply(x, weight, bias, padding)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.families.heat.baselines import BASELINES, CondConv2d
+from smoe.families.heat.baselines import BASELINES, CondConv2d, CoordConv2d
 from smoe.nn.layers import LocallyConnected2d, make_activation
 
 
@@ -453,3 +453,36 @@ def test_cnn_recovers_a_known_stencil():
 def test_bad_choices_are_named(name, options, message):
     with pytest.raises(ValueError, match=message):
         BASELINES[name](1, 8, 10, **options)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_coordconv_layers_split_sums_are_the_concatenated_convolutions(bias):
+    """The coordinate channels' share is one image's convolution broadcast over the batch:
+    values and every gradient as the convolution of the concatenated input, within float32
+    rounding, in training (autograd) and evaluation alike."""
+    torch.manual_seed(3)
+    layer = CoordConv2d(4, 3, 3, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(4.0)  # coordinates' weights large enough to matter
+    x = torch.randn(16, 4, 20, 24, requires_grad=True)
+    grad_out = torch.randn(16, 3, 20, 24)
+    out = layer(x)
+    assert out.grad_fn is not None and "DirectConv" not in out.grad_fn.name()  # the sum's
+    out.backward(grad_out)
+    ours = (out.detach(), x.grad.clone(), layer.weight.grad.clone())
+
+    def concatenated(x, dtype):
+        x = x.detach().to(dtype).requires_grad_(True)
+        weight = layer.weight.detach().to(dtype).requires_grad_(True)
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        out = F.conv2d(with_coordinates(x), weight, bias, padding=1)
+        out.backward(grad_out.to(dtype))
+        return [t.double() for t in (out.detach(), x.grad, weight.grad)]
+
+    onednn, exact = concatenated(x, torch.float32), concatenated(x, torch.float64)
+    for value, theirs, reference in zip(ours, onednn, exact, strict=True):
+        error = (value.double() - reference).abs().max().item()
+        assert error <= 1.5 * (theirs - reference).abs().max().item() + 1e-6
+    assert ours[2][:, 4:].abs().max() > 10  # the coordinates' weights got their gradient
+    with torch.no_grad():
+        assert torch.equal(layer(x), ours[0])
