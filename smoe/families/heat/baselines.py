@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.nn.batchnorm import DirectBatchNorm2d
 from smoe.nn.conv import DirectConv2d, direct_conv2d
 from smoe.nn.layers import AddCoords, LocallyConnected2d, coordinate_channels, make_activation
 
@@ -122,7 +123,7 @@ def _layer_stack(
         modules.append(layers[-1])
         if index < len(widths) - 2:
             if batchnorm:
-                modules.append(nn.BatchNorm2d(cout))
+                modules.append(DirectBatchNorm2d(cout))
             modules.append(make_activation(activation))
     _initialise(layers, init)
     return modules
@@ -316,7 +317,7 @@ class ConvLCN(nn.Sequential):
         local = LocallyConnected2d(conv_out, 1, height, width, lcn_kernel_size, bias=bias)
         modules: list[nn.Module] = [conv]
         if batchnorm:
-            modules.append(nn.BatchNorm2d(conv_out))
+            modules.append(DirectBatchNorm2d(conv_out))
         if activation is not None:
             modules.append(make_activation(activation))
         modules.append(local)
