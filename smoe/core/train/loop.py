@@ -484,8 +484,9 @@ class TaskTrainer:
             row["time_s"] = s.elapsed_s
             s.history.append(row)
             s.stop_reason = self._stop_reason(value)
-            if s.best_epoch == s.epoch - 1:
-                self._save_best()
+            # best.pt is written once, at the end: last.pt carries the best model so far,
+            # so a resumed run writes the same best.pt (a save per improving epoch cost a
+            # gated seed a second, with its selection mode "last" improving every epoch)
             if s.epoch % self.task.checkpoint_every == 0:
                 self._save_last()
                 if s.epoch == _interrupt_epoch():
