@@ -50,7 +50,7 @@ from smoe.core.train.checkpoint import (
     seed_everything,
     stream_seed,
 )
-from smoe.core.train.device import resolve_device, resolve_precision
+from smoe.core.train.device import keep_freed_memory, resolve_device, resolve_precision
 from smoe.nn.layer import set_loss_scale
 
 
@@ -148,6 +148,11 @@ class TrainingTask:
     :meth:`train_epoch` shares each global minibatch out, see
     :mod:`smoe.core.train.distributed`); a family that does not is refused there."""
 
+    keep_freed_memory: bool = False
+    """Whether a CPU training keeps freed memory for reuse
+    (:func:`smoe.core.train.device.keep_freed_memory`): faster where every step allocates
+    the same large tensors again; the process then holds its peak memory to the end."""
+
     checkpoint_every: int = 1
     """Epochs between two saves of ``last.pt`` (the last epoch is always saved). A killed
     run resumes from the last save and replays the epochs after it exactly, so a longer
@@ -234,6 +239,8 @@ class TaskTrainer:
             torch.set_num_threads(self.settings["threads"])
         self.world = distributed.launched()
         self.device = distributed.device_of(resolve_device(self.settings["device"]), self.world)
+        if task.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         if self.world.multi and not task.multi_process:
             raise InputError(
                 f"model {self.spec.name!r}: {type(task).__name__} trains on one process only "

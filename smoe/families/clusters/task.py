@@ -356,6 +356,8 @@ def _open_train(path: Path) -> ClusterData:
 class ClusterTask(TrainingTask):
     """The synthetic-cluster family's part of training; see the module docstring."""
 
+    keep_freed_memory = True
+
     def __init__(self, spec: ModelSpec | Mapping[str, Any], train_store: str | Path) -> None:
         super().__init__(resolve_cluster_spec(spec))
         self.train_store = Path(train_store)

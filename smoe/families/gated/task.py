@@ -223,6 +223,7 @@ class GatedTask(TrainingTask):
     Trains on several processes under ``torchrun`` too (:meth:`_train_epoch_shared`)."""
 
     multi_process = True
+    keep_freed_memory = True
 
     def __init__(
         self, spec: ModelSpec | Mapping[str, Any], train_store: str | Path, val_store: str | Path
