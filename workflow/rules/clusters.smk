@@ -16,7 +16,7 @@ rule cluster_data:
         f"{RESULTS}/logs/clusters/data/{{setting}}_{{split}}.log",
     wildcard_constraints:
         **clusters.CLUSTER_WILDCARDS,
-    priority: 15
+    priority: 25
     conda:
         SMOE_ENV
     threads: 1
@@ -45,7 +45,9 @@ rule cluster_train:
         f"{RESULTS}/logs/clusters/train/{{setting}}_{{model}}.log",
     wildcard_constraints:
         **clusters.CLUSTER_WILDCARDS,
-    priority: 10
+    # after the heat trainings: the single nonlinear CNN (three seeds, about a minute) is
+    # the longest job after them, and the last job to start runs alone at the end
+    priority: 20
     conda:
         SMOE_ENV
     threads: clusters.cluster_train_threads

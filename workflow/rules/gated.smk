@@ -20,7 +20,7 @@ rule gated_data:
         f"{RESULTS}/logs/gated/data/{{split}}.log",
     wildcard_constraints:
         split=gated.GATED_WILDCARDS["split"],
-    priority: 25
+    priority: 15
     conda:
         SMOE_ENV
     threads: 1
@@ -52,8 +52,8 @@ rule gated_train:
         f"{RESULTS}/logs/gated/train/{{model}}.log",
     wildcard_constraints:
         model=gated.GATED_WILDCARDS["model"],
-    # after the heat trainings, before the short cluster ones
-    priority: 20
+    # last, the single expert (the shortest) after the mixtures
+    priority: gated.gated_train_priority
     conda:
         SMOE_ENV
     threads: gated.gated_train_threads
