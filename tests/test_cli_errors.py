@@ -530,3 +530,32 @@ def test_overwrite_replaces_a_store_and_says_so(work):
         k: v for k, v in before.items() if not k.startswith("val.zarr")
     }
     assert not list(work.glob("*.partial")) and not list(work.glob("*.previous"))
+
+
+REFUSED_BEFORE_TORCH = [
+    (
+        ["train", "--spec", '{"name": "cnn", "kind": "cnn"}', "--train-store", "absent.zarr"]
+        + ["--val-store", "absent.zarr", "--seed", "0", "--out", "run"],
+        "store 'absent.zarr' does not exist",
+    ),
+    (
+        ["evaluate", "--checkpoint", "absent.pt", "--store", "absent.zarr", "--out", "m.json"],
+        "checkpoint 'absent.pt' does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED_BEFORE_TORCH)
+def test_a_missing_input_is_refused_before_pytorch_is_imported(tmp_path, argv, message):
+    """A job that only finds its input missing says so in a fraction of a second: the
+    check runs before the command imports PyTorch (or any data library)."""
+    probe = (
+        "import sys; from smoe.cli import main; status = main(sys.argv[1:]); "
+        "print(status, sorted({'torch', 'xarray', 'numba'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *argv], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert message in result.stderr
+    assert result.stdout.split() == ["2", "[]"]
+    assert list(tmp_path.iterdir()) == []

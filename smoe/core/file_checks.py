@@ -80,6 +80,15 @@ class _StorageScan(pickle.Unpickler):
         return _StandIn()
 
 
+def require_checkpoint(path: Path) -> None:
+    """Refuse, naming it, a checkpoint path that is not a file: a check a command makes
+    before it imports PyTorch, so a wrong path costs a fraction of a second."""
+    from smoe.core.errors import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"checkpoint {str(path)!r} does not exist")
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """A ``torch.save`` archive: its zip directory readable, every entry's CRC-32 right, and
     every storage its ``data.pkl`` references present and long enough."""

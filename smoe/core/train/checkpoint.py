@@ -25,6 +25,7 @@ import torch
 
 from smoe.core.atomic import atomic_file
 from smoe.core.errors import InputError
+from smoe.core.file_checks import require_checkpoint
 
 # 2: RNG states hold only tensors and plain values, so a weights-only load reads them
 # (format 1 stored NumPy's RNG state as a NumPy array).
@@ -44,8 +45,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """
     path = Path(path)
     name = repr(str(path))
-    if not path.is_file():
-        raise InputError(f"checkpoint {name} does not exist")
+    require_checkpoint(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

@@ -7,6 +7,9 @@ time, so this module imports nothing beyond the standard library.
 import math
 import re
 
+STORE_REDO = "rerun the simulation"
+"""What regenerates a heat store, for the message refusing a missing or unfinished one."""
+
 COMPRESSIONS = ("lz4", "zstd", "none")
 BOUNDARIES = ("zero", "wrap")
 INIT_KINDS = ("uniform", "zero")

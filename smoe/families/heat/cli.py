@@ -228,7 +228,21 @@ def _add_train(sub: argparse._SubParsersAction, seeds: Seeds) -> None:
     )
 
 
+def _check_inputs_exist(*stores: Path, checkpoint: Path | None = None) -> None:
+    """Refuse a missing checkpoint or store before the heavy imports (PyTorch, xarray): a
+    wrong path is said in a fraction of a second, not after three."""
+    from smoe.core.file_checks import require_checkpoint
+    from smoe.core.zarr_store import check_store_folder
+    from smoe.families.heat.choices import STORE_REDO
+
+    if checkpoint is not None:
+        require_checkpoint(checkpoint)
+    for store in stores:
+        check_store_folder(Path(store), STORE_REDO)
+
+
 def _run_train(args: argparse.Namespace) -> None:
+    _check_inputs_exist(args.train_store, args.val_store)
     from smoe.config import load_config
     from smoe.core.train.distributed import is_main
     from smoe.families.heat.config import model_spec, validate_spec
@@ -332,6 +346,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
+    _check_inputs_exist(args.store, checkpoint=args.checkpoint)
     from smoe.core.report.results import write_json
     from smoe.families.heat.evaluate import evaluate_checkpoint
 

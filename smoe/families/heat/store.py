@@ -36,7 +36,13 @@ from smoe.core.zarr_store import (
     is_zarr_store,
     read_json_object,
 )
-from smoe.families.heat.choices import COMPRESSIONS, chunk_runs, scheduler_address, task_runs
+from smoe.families.heat.choices import (
+    COMPRESSIONS,
+    STORE_REDO,
+    chunk_runs,
+    scheduler_address,
+    task_runs,
+)
 from smoe.families.heat.mask import check_mask, mask_dataset
 from smoe.families.heat.simulation import (
     MAX_SOURCES,
@@ -619,7 +625,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     """Open a finished store lazily, with a clear error when it is missing, unfinished or
     damaged (garbled or missing metadata, a missing chunk of the field)."""
     path = Path(path)
-    check_store_folder(path, "rerun the simulation")
+    check_store_folder(path, STORE_REDO)
     _check_metadata(path)
     arrays = _open_arrays(path)
     try:
