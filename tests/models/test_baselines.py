@@ -482,7 +482,8 @@ def test_coordconv_layers_split_sums_are_the_concatenated_convolutions(bias):
     onednn, exact = concatenated(x, torch.float32), concatenated(x, torch.float64)
     for value, theirs, reference in zip(ours, onednn, exact, strict=True):
         error = (value.double() - reference).abs().max().item()
-        assert error <= 1.5 * (theirs - reference).abs().max().item() + 1e-6
+        ulps = 4e-7 * reference.abs().max().item()  # whatever oneDNN's kernel on this CPU
+        assert error <= max(1.5 * (theirs - reference).abs().max().item(), ulps) + 1e-6
     assert ours[2][:, 4:].abs().max() > 10  # the coordinates' weights got their gradient
     with torch.no_grad():
         assert torch.equal(layer(x), ours[0])

@@ -54,7 +54,9 @@ def test_values_and_gradients_are_torchs_convolution_within_its_rounding(shape):
     for name, value in values.items():
         ours_error = (value - reference[name]).abs().max().item()
         onednn_error = (onednn[name] - reference[name]).abs().max().item()
-        assert ours_error <= 1.5 * onednn_error + 1e-7, name
+        # a few float32 ulps of the largest value, whatever oneDNN's kernel on this CPU
+        ulps = 4e-7 * reference[name].abs().max().item()
+        assert ours_error <= max(1.5 * onednn_error, ulps) + 1e-7, name
         assert ours_error < 1e-6 * reference[name].abs().max().item() + 1e-6, name
     assert values["input"].abs().max() > 1 and values["weight"].abs().max() > 10
 
