@@ -58,8 +58,7 @@ def step_flops(model, x) -> int:
     hooks = [
         m.register_forward_hook(record)
         for m in model.modules()
-        if type(m).__name__
-        in ("Conv2d", "DirectConv2d", "CoordConv2d", "LocallyConnected2d")
+        if type(m).__name__ in ("Conv2d", "DirectConv2d", "CoordConv2d", "LocallyConnected2d")
     ]
     with torch.no_grad():
         model(x)

@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from smoe.core.errors import one_line
+from smoe.core.errors import InputError, one_line
 
 Check = Callable[[Path], "str | None"]
 """A check of one file: None when it looks whole, else what is wrong with it."""
@@ -83,8 +83,6 @@ class _StorageScan(pickle.Unpickler):
 def require_checkpoint(path: Path) -> None:
     """Refuse, naming it, a checkpoint path that is not a file: a check a command makes
     before it imports PyTorch, so a wrong path costs a fraction of a second."""
-    from smoe.core.errors import InputError
-
     if not Path(path).is_file():
         raise InputError(f"checkpoint {str(path)!r} does not exist")
 

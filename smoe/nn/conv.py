@@ -124,10 +124,14 @@ _correlate_3x3 = compiled.compiled(_correlate_3x3)
 _weight_gradient = compiled.compiled(_weight_gradient)
 
 
+def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """``x`` zero-padded by (rows, columns), contiguous, as the loops read it."""
+    return F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0])).contiguous()
+
+
 def correlate(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=padding)`` (stride 1, no bias) as the direct loops."""
-    padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0])).contiguous()
-    return _correlate_padded(padded, weight)
+    return _correlate_padded(_padded(x, padding), weight)
 
 
 def _correlate_padded(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -143,7 +147,7 @@ def _correlate_padded(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 class _DirectConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
-        padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0])).contiguous()
+        padded = _padded(x, padding)
         weight = weight.detach().contiguous()  # a slice of a layer's weight is one too
         out = _correlate_padded(padded, weight)
         if bias is not None:
@@ -167,9 +171,7 @@ class _DirectConv(torch.autograd.Function):
         if needs_weight:
             partial = padded.new_empty(*weight.shape, grad_out.shape[3])
             grad_weight = weight.new_empty(weight.shape)
-            _weight_gradient(
-                padded.numpy(), grad_out.numpy(), partial.numpy(), grad_weight.numpy()
-            )
+            _weight_gradient(padded.numpy(), grad_out.numpy(), partial.numpy(), grad_weight.numpy())
         if needs_bias and ctx.has_bias:
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias, None
@@ -241,14 +243,10 @@ def direct_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, float32, CPU) as the direct
-    loops, with or without autograd; oneDNN's sums where numba is missing."""
+    loops, with or without autograd (the same forward either way); oneDNN's sums where numba
+    is missing."""
     if compiled.available():
-        if torch.is_grad_enabled():
-            return _DirectConv.apply(x, weight, bias, padding)
-        out = correlate(x, weight, padding)
-        if bias is not None:
-            out += bias.view(1, -1, 1, 1)
-        return out
+        return _DirectConv.apply(x, weight, bias, padding)
     if not torch.is_grad_enabled():
         return F.conv2d(x, weight, bias, padding=padding)
     return _FastInputGradConv.apply(x, weight, bias, padding)

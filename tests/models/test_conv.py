@@ -85,14 +85,14 @@ def test_the_3x3_loop_adds_what_the_general_loop_adds(cin, cout):
     assert general.abs().max() > 1
 
 
-def test_the_gradients_are_exact_in_double_precision():
+@pytest.mark.parametrize("function", [_DirectConv, _FastInputGradConv])
+def test_the_gradients_are_exact_in_double_precision(function):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
-    for function in (_DirectConv, _FastInputGradConv):
-        assert torch.autograd.gradcheck(lambda x, w, b: function.apply(x, w, b, (1, 1)), (x, w, b))
-        assert torch.autograd.gradcheck(lambda x, w: function.apply(x, w, None, (0, 2)), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w, b: function.apply(x, w, b, (1, 1)), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: function.apply(x, w, None, (0, 2)), (x, w))
 
 
 def test_without_numba_the_layer_runs_onednns_sums(monkeypatch):

@@ -197,7 +197,7 @@ class CoordConv2d(DirectConv2d):
         # channel. The two shares are added last, so values differ from the concatenated
         # convolution's within float32 rounding (tests/models/test_baselines.py).
         padding = tuple(self.padding)
-        data = direct_conv2d(x, self.weight[:, : -COORDINATE_CHANNELS], None, padding)
+        data = direct_conv2d(x, self.weight[:, :-COORDINATE_CHANNELS], None, padding)
         coordinates = coordinate_channels(x[:1]).contiguous()
         share = direct_conv2d(
             coordinates, self.weight[:, -COORDINATE_CHANNELS:], self.bias, padding
@@ -311,9 +311,7 @@ class ConvLCN(nn.Sequential):
         _check_kernel_size(lcn_kernel_size, "lcn_kernel_size")
         _check_choice("init", init, INITS)
         conv_in, conv_out, _ = _widths(in_channels, [hidden])
-        conv = DirectConv2d(
-            conv_in, conv_out, kernel_size, padding=kernel_size // 2, bias=bias
-        )
+        conv = DirectConv2d(conv_in, conv_out, kernel_size, padding=kernel_size // 2, bias=bias)
         local = LocallyConnected2d(conv_out, 1, height, width, lcn_kernel_size, bias=bias)
         modules: list[nn.Module] = [conv]
         if batchnorm:
